@@ -1,0 +1,208 @@
+"""Content codings: gzip toward the client, flushed at event boundaries, and decoding of an
+upstream's Content-Encoding so that the proxy always sees plain bytes.
+
+Pure: fed bytes, returns bytes. No sockets, no clock, no event loop.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Literal
+
+# Where the compressor is flushed so that the client can decode what it has:
+# - "sse": after the last complete SSE event in each upstream read (blank line, any line ending);
+# - "ndjson": after the last complete line in each read;
+# - "read": after every read (other streamed bodies: we cannot know their boundaries);
+# - "end": only at the end (a body of known length, read at once by the client anyway).
+FlushPolicy = Literal["sse", "ndjson", "read", "end"]
+
+_COMPRESSIBLE_PREFIXES = ("text/",)
+_COMPRESSIBLE_TYPES = frozenset(
+    {
+        "text/event-stream",
+        "application/x-ndjson",
+        "application/jsonl",
+        "application/json",
+        "application/javascript",
+        "application/xml",
+        "application/problem+json",
+    }
+)
+
+
+def media_type(content_type: str | None) -> str:
+    """`Text/Event-Stream; charset=utf-8` -> `text/event-stream`."""
+    if not content_type:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def flush_policy(content_type: str | None, content_length: int | None) -> FlushPolicy:
+    """The one place that decides when compressed bytes are flushed toward the client.
+
+    Like Caddy's reverse proxy: event streams flush at once, and so does any body of unknown
+    length, because something may be waiting on each piece of it.
+    """
+    kind = media_type(content_type)
+    if kind == "text/event-stream":
+        return "sse"
+    if kind in ("application/x-ndjson", "application/jsonl"):
+        return "ndjson"
+    if content_length is None:
+        return "read"
+    return "end"
+
+
+def is_compressible(content_type: str | None, content_length: int | None, min_length: int) -> bool:
+    """Worth gzipping: text-like content that is streamed or at least `min_length` bytes."""
+    kind = media_type(content_type)
+    if not (
+        kind in _COMPRESSIBLE_TYPES
+        or kind.startswith(_COMPRESSIBLE_PREFIXES)
+        or kind.endswith("+json")
+    ):
+        return False
+    return content_length is None or content_length >= min_length
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding header admits gzip (RFC 9110 section 12.5.3).
+
+    `gzip;q=0` refuses gzip even when `*` is accepted; `*` with q > 0 admits it when gzip is not
+    named; a header that is absent admits nothing (we never compress unasked).
+    """
+    if not accept_encoding:
+        return False
+    star: float | None = None
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        coding = coding.strip().lower()
+        quality = _quality(params)
+        if coding in ("gzip", "x-gzip"):
+            return quality > 0
+        if coding == "*":
+            star = quality
+    return star is not None and star > 0
+
+
+def _quality(params: str) -> float:
+    for param in params.split(";"):
+        name, _, value = param.strip().partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return max(0.0, min(1.0, float(value)))
+            except ValueError:
+                return 0.0
+    return 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class GzipSettings:
+    level: int = 6
+    window_bits: int = 12
+    mem_level: int = 4
+
+    def state_bytes(self) -> int:
+        """zlib's documented deflate memory: 2^(windowBits+2) + 2^(memLevel+9)."""
+        return (1 << (self.window_bits + 2)) + (1 << (self.mem_level + 9))
+
+
+class GzipEncoder:
+    """gzip of a stream, flushed so that every complete event can be decoded on arrival.
+
+    One flush per upstream read at the most (at its last complete event), not one per event:
+    a read holding several events costs one flush marker, and a partial event at the end of a
+    read waits in zlib for its end, which the client could not use before anyway.
+    """
+
+    __slots__ = ("_compressor", "_policy", "_tail")
+
+    def __init__(self, settings: GzipSettings, policy: FlushPolicy) -> None:
+        # wbits + 16 selects the gzip container (header and CRC trailer) rather than zlib's.
+        self._compressor = zlib.compressobj(
+            settings.level, zlib.DEFLATED, 16 + settings.window_bits, settings.mem_level
+        )
+        self._policy = policy
+        self._tail = 0  # the last byte fed, for an SSE boundary split across two reads
+
+    def feed(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        end = self._flush_point(data)
+        compress = self._compressor.compress
+        if end == len(data):
+            return compress(data) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+        if end <= 0:
+            return compress(data)
+        view = memoryview(data)
+        return (
+            compress(view[:end]) + self._compressor.flush(zlib.Z_SYNC_FLUSH) + compress(view[end:])
+        )
+
+    def close(self) -> bytes:
+        """The rest of the stream and the gzip trailer."""
+        return self._compressor.flush(zlib.Z_FINISH)
+
+    def flush(self) -> bytes:
+        """Everything fed so far, decodable, without ending the gzip member (a cut stream)."""
+        return self._compressor.flush(zlib.Z_SYNC_FLUSH)
+
+    def _flush_point(self, data: bytes) -> int:
+        """How many leading bytes of `data` end at a boundary worth a flush (0: none)."""
+        policy = self._policy
+        if policy == "read":
+            return len(data)
+        if policy == "end":
+            return 0
+        if policy == "ndjson":
+            return data.rfind(b"\n") + 1
+        tail, self._tail = self._tail, data[-1]
+        return _sse_flush_point(data, tail)
+
+
+_LF, _CR = 0x0A, 0x0D
+
+
+def _sse_flush_point(data: bytes, tail: int) -> int:
+    # An SSE event ends with an empty line: two line ends in a row, where a line end is LF, CR or
+    # CRLF. Two in a row therefore show as LF LF, LF CR or CR CR (CR LF is a single line end).
+    end = max(data.rfind(b"\n\n"), data.rfind(b"\n\r"), data.rfind(b"\r\r"))
+    if end >= 0:
+        end += 2
+        # Keep a CRLF whole when its LF is already here, so clients that wait for it need not.
+        if end < len(data) and data[end - 1] == _CR and data[end] == _LF:
+            end += 1
+        return end
+    first = data[0]
+    if (tail == _LF and first in (_LF, _CR)) or (tail == _CR and first == _CR):
+        return 2 if len(data) > 1 and first == _CR and data[1] == _LF else 1
+    return 0
+
+
+class UpstreamDecoder:
+    """Undoes an upstream's Content-Encoding (gzip, x-gzip, deflate), so metering and the client's
+    own compression see the plain body. Only single-coding responses are decoded."""
+
+    DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
+
+    __slots__ = ("_decompressor", "_first")
+
+    def __init__(self, coding: str) -> None:
+        coding = coding.strip().lower()
+        if coding not in self.DECODABLE:
+            raise ValueError(f"cannot decode content coding {coding!r}")
+        # 32 + MAX_WBITS accepts gzip and zlib headers alike; a bare deflate stream (as some
+        # servers send for "deflate") is detected on the first bytes.
+        self._decompressor = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        self._first = coding == "deflate"
+
+    def feed(self, data: bytes) -> bytes:
+        if self._first and data:
+            self._first = False
+            if data[0] & 0x0F != 8:  # not a zlib header: raw deflate
+                self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+        return self._decompressor.decompress(data)
+
+    def close(self) -> bytes:
+        return self._decompressor.flush()

@@ -1,0 +1,494 @@
+"""The YAML configuration: parsed, interpolated and validated once, into frozen dataclasses.
+
+Every problem is reported with the dotted path of the offending key, all problems at once, so that
+`tallygate check` can list them. This module reads the environment (for `${VAR}`) and nothing else:
+it does not open sockets or touch the event loop.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+AuthHeader = Literal["authorization", "x-api-key"]
+AUTH_HEADERS: tuple[AuthHeader, ...] = ("authorization", "x-api-key")
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` holds one `key.path: message` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds. `first_byte` runs from sending the request to the response headers; `idle` between
+    two reads of the response body; `total` over the whole exchange."""
+
+    connect: float = 5.0
+    first_byte: float = 120.0
+    idle: float = 60.0
+    total: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    api_key: str | None = field(default=None, repr=False)
+    auth_header: AuthHeader = "authorization"
+    timeouts: Timeouts = Timeouts()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    path_prefix: str
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
+class Compression:
+    gzip: bool = True
+    level: int = 6
+    # 12 and 4 give 16 KiB + 8 KiB of zlib state per live stream (zlib's formula: 2^(wbits+2) +
+    # 2^(memLevel+9)) and keep 96% of the ratio of zlib's defaults (256 KiB) on the corpus streams
+    # with a flush per event; `python bench/compression_params.py` measures it.
+    window_bits: int = 12
+    mem_level: int = 4
+    # Below this many bytes a response of known length is not worth a gzip header and trailer.
+    min_length: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_request_bytes: int = 32 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """The one shared upstream connection pool."""
+
+    max_connections: int = 4096
+    keepalive_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    listen: Listen = Listen("127.0.0.1", 9464)
+
+
+DEFAULT_LISTEN = Listen("127.0.0.1", 8080)
+DEFAULT_SHUTDOWN_GRACE = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    upstreams: Mapping[str, Upstream]
+    routes: tuple[Route, ...]
+    listen: Listen = DEFAULT_LISTEN
+    admin: Admin = Admin()
+    compression: Compression = Compression()
+    limits: Limits = Limits()
+    pool: Pool = Pool()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalars with units
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "k": KiB, "K": KiB, "M": MiB, "G": GiB,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+}  # fmt: skip
+
+
+def parse_duration(value: object) -> float:
+    """`250ms`, `30s`, `5m`, `1h`, or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 30s, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration like 250ms, 30s or 5m, got {value!r}")
+        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+    if seconds <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """`512KiB`, `32MiB`, or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 32MiB, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError(f"expected a size like 512KiB or 32MiB, got {value!r}")
+        size = int(match[1]) * _SIZE_UNITS[match[2]]
+    if size <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return size
+
+
+def parse_listen(value: object) -> Listen:
+    """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
+    text = str(value).strip()
+    match = re.match(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):(\d{1,5})$", text)
+    if not match or not 0 <= int(match[3]) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    host = match[1] or match[2] or "0.0.0.0"
+    return Listen(host, int(match[3]))
+
+
+# ---------------------------------------------------------------------------------------------
+# ${VAR} interpolation
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: object, path: str, env: Mapping[str, str], problems: list[str]) -> object:
+    if isinstance(node, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match[1], match[2]
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(
+                f"{path}: environment variable {name} is not set "
+                f"(write ${{{name}:-}} to make it optional)"
+            )
+            return ""
+
+        return _VAR.sub(substitute, node)
+    if isinstance(node, dict):
+        return {k: _interpolate(v, _join(path, k), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# The reader: walks the YAML tree, collects problems, falls back to defaults so it can go on.
+
+T = TypeVar("T")
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+class _Reader:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def mapping(self, raw: object, path: str, known: Iterable[str]) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problems.append(f"{path or 'config'}: expected a mapping, got {_kind(raw)}")
+            return {}
+        known = list(known)
+        for key in raw:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), known, n=1)
+                suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+                self.problems.append(f"{_join(path, key)}: unknown key{suggestion}")
+        return {k: v for k, v in raw.items() if k in known}
+
+    def value(
+        self,
+        raw: Mapping[str, Any],
+        key: str,
+        path: str,
+        convert: Callable[[object], T],
+        default: T,
+    ) -> T:
+        if key not in raw or raw[key] is None:
+            return default
+        try:
+            return convert(raw[key])
+        except ValueError as error:
+            self.problems.append(f"{_join(path, key)}: {error}")
+            return default
+
+
+def _kind(value: object) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _int_in(low: int, high: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a whole number from {low} to {high}, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return convert
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_kind(value)}")
+    return value
+
+
+def _url(value: object) -> str:
+    text = _string(value).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("a base URL takes no query or fragment")
+    return text.rstrip("/")
+
+
+def _path_prefix(value: object) -> str:
+    text = _string(value)
+    if not text.startswith("/"):
+        raise ValueError(f"must start with '/', got {text!r}")
+    return text
+
+
+def _auth_header(value: object) -> AuthHeader:
+    text = _string(value).lower()
+    for choice in AUTH_HEADERS:
+        if text == choice:
+            return choice
+    raise ValueError(f"expected one of {', '.join(AUTH_HEADERS)}, got {value!r}")
+
+
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError(f"expected an IP address or CIDR block, got {value!r}") from None
+
+
+def _default_auth_header(url: str) -> AuthHeader:
+    # Anthropic's API takes its key in x-api-key; every OpenAI-compatible API (and Ollama behind an
+    # auth proxy) takes a bearer token. `auth_header` overrides this guess.
+    host = urlsplit(url).hostname or ""
+    return (
+        "x-api-key"
+        if host == "anthropic.com" or host.endswith(".anthropic.com")
+        else "authorization"
+    )
+
+
+def _read_timeouts(r: _Reader, raw: object, path: str) -> Timeouts:
+    m = r.mapping(raw, path, [f.name for f in fields(Timeouts)])
+    d = Timeouts()
+    return Timeouts(
+        connect=r.value(m, "connect", path, parse_duration, d.connect),
+        first_byte=r.value(m, "first_byte", path, parse_duration, d.first_byte),
+        idle=r.value(m, "idle", path, parse_duration, d.idle),
+        total=r.value(m, "total", path, parse_duration, d.total),
+    )
+
+
+def _read_upstreams(r: _Reader, raw: object) -> dict[str, Upstream]:
+    if not isinstance(raw, dict) or not raw:
+        r.problems.append("upstreams: at least one upstream is required")
+        return {}
+    upstreams = {}
+    for name, spec in raw.items():
+        path = f"upstreams.{name}"
+        m = r.mapping(spec, path, ["url", "api_key", "auth_header", "timeouts"])
+        if "url" not in m:
+            r.problems.append(f"{path}.url: required")
+        url = r.value(m, "url", path, _url, "http://invalid")
+        api_key = r.value(m, "api_key", path, _string, "") or None
+        upstreams[str(name)] = Upstream(
+            name=str(name),
+            url=url,
+            api_key=api_key,
+            auth_header=r.value(m, "auth_header", path, _auth_header, _default_auth_header(url)),
+            timeouts=_read_timeouts(r, m.get("timeouts"), f"{path}.timeouts"),
+        )
+    return upstreams
+
+
+def _read_routes(r: _Reader, raw: object, upstreams: Mapping[str, Upstream]) -> tuple[Route, ...]:
+    if not isinstance(raw, list) or not raw:
+        r.problems.append("routes: at least one route is required (a list)")
+        return ()
+    routes = []
+    for i, spec in enumerate(raw):
+        path = f"routes[{i}]"
+        m = r.mapping(spec, path, ["path_prefix", "upstream"])
+        for key in ("path_prefix", "upstream"):
+            if key not in m:
+                r.problems.append(f"{path}.{key}: required")
+        upstream = r.value(m, "upstream", path, _string, "")
+        if upstream and upstream not in upstreams and upstreams:
+            known = ", ".join(upstreams)
+            r.problems.append(f"{path}.upstream: unknown upstream '{upstream}' (known: {known})")
+        routes.append(Route(r.value(m, "path_prefix", path, _path_prefix, "/"), upstream))
+    return tuple(routes)
+
+
+_TOP_KEYS = [
+    "listen", "admin", "upstreams", "routes", "compression", "limits", "pool", "trusted_proxies",
+    "shutdown_grace",
+]  # fmt: skip
+
+
+def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate; raise ConfigError listing every problem."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError([f"config: not valid YAML: {error}"]) from None
+    r = _Reader()
+    document = _interpolate(document, "", os.environ if env is None else env, r.problems)
+    top = r.mapping(document, "", _TOP_KEYS)
+
+    upstreams = _read_upstreams(r, top.get("upstreams"))
+    routes = _read_routes(r, top.get("routes"), upstreams)
+
+    admin_raw = r.mapping(top.get("admin"), "admin", ["listen"])
+    comp_raw = r.mapping(
+        top.get("compression"), "compression", [f.name for f in fields(Compression)]
+    )
+    limits_raw = r.mapping(top.get("limits"), "limits", ["max_request_bytes"])
+    pool_raw = r.mapping(top.get("pool"), "pool", ["max_connections", "keepalive_timeout"])
+    dc, dp = Compression(), Pool()
+
+    trusted_raw = top.get("trusted_proxies") or []
+    if not isinstance(trusted_raw, list):
+        r.problems.append("trusted_proxies: expected a list of addresses or CIDR blocks")
+        trusted_raw = []
+    trusted = []
+    for i, entry in enumerate(trusted_raw):
+        try:
+            trusted.append(_network(entry))
+        except ValueError as error:
+            r.problems.append(f"trusted_proxies[{i}]: {error}")
+
+    config = Config(
+        upstreams=upstreams,
+        routes=routes,
+        listen=r.value(top, "listen", "", parse_listen, DEFAULT_LISTEN),
+        admin=Admin(listen=r.value(admin_raw, "listen", "admin", parse_listen, Admin().listen)),
+        compression=Compression(
+            gzip=r.value(comp_raw, "gzip", "compression", _bool, dc.gzip),
+            level=r.value(comp_raw, "level", "compression", _int_in(1, 9), dc.level),
+            window_bits=r.value(
+                comp_raw, "window_bits", "compression", _int_in(9, 15), dc.window_bits
+            ),
+            mem_level=r.value(comp_raw, "mem_level", "compression", _int_in(1, 9), dc.mem_level),
+            min_length=r.value(comp_raw, "min_length", "compression", parse_size, dc.min_length),
+        ),
+        limits=Limits(
+            max_request_bytes=r.value(
+                limits_raw, "max_request_bytes", "limits", parse_size, Limits().max_request_bytes
+            )
+        ),
+        pool=Pool(
+            max_connections=r.value(
+                pool_raw, "max_connections", "pool", _int_in(1, 1_000_000), dp.max_connections
+            ),
+            keepalive_timeout=r.value(
+                pool_raw, "keepalive_timeout", "pool", parse_duration, dp.keepalive_timeout
+            ),
+        ),
+        trusted_proxies=tuple(trusted),
+        shutdown_grace=r.value(top, "shutdown_grace", "", parse_duration, DEFAULT_SHUTDOWN_GRACE),
+    )
+    if config.listen == config.admin.listen and config.listen.port != 0:
+        r.problems.append(f"admin.listen: must differ from listen ({config.listen})")
+    if r.problems:
+        raise ConfigError(r.problems)
+    return config
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"config: cannot read {path}: {error.strerror}"]) from None
+    return load_config_text(text, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# The effective configuration, for `tallygate check`.
+
+MASK = "********"
+
+
+def _plain(value: object, key: str = "") -> object:
+    if isinstance(value, Listen | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        # An upstream's name is its key already.
+        return {
+            f.name: _plain(getattr(value, f.name), f.name)
+            for f in fields(value)
+            if f.name != "name" or not isinstance(value, Upstream)
+        }
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if key == "api_key" and value:
+        return MASK
+    if key == "url" and isinstance(value, str):
+        return _mask_userinfo(value)
+    return value
+
+
+def _mask_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", f":{MASK}@", 1)
+
+
+def effective_config(config: Config) -> dict[str, Any]:
+    """The configuration with defaults filled in and every secret masked."""
+    plain = _plain(config)
+    assert isinstance(plain, dict)
+    return {key: plain[key] for key in _TOP_KEYS}

@@ -1,0 +1,108 @@
+"""Error bodies in the shape of the API the client speaks, so its SDK can parse them.
+
+OpenAI-style APIs: `{"error": {"message", "type", "param", "code"}}`; Anthropic:
+`{"type": "error", "error": {"type", "message"}}`; Ollama: `{"error": "message"}`.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+
+ApiFamily = Literal["openai", "anthropic", "ollama"]
+
+# The Anthropic API's error types for the statuses a proxy produces.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def api_family(path: str) -> ApiFamily:
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path.startswith("/api/"):
+        return "ollama"
+    return "openai"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyError:
+    """An error tallygate itself answers with, before any upstream byte reached the client."""
+
+    status: int
+    message: str
+    type: str
+    code: str
+
+    def body(self, family: ApiFamily) -> bytes:
+        if family == "anthropic":
+            kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+            return orjson.dumps({"type": "error", "error": {"type": kind, "message": self.message}})
+        if family == "ollama":
+            return orjson.dumps({"error": self.message})
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": None,
+                    "code": self.code,
+                }
+            }
+        )
+
+
+def no_route(path: str) -> ProxyError:
+    return ProxyError(404, f"no route for {path}", "invalid_request_error", "route_not_found")
+
+
+def too_large(limit: int) -> ProxyError:
+    return ProxyError(
+        413, f"request body exceeds {limit} bytes", "invalid_request_error", "request_too_large"
+    )
+
+
+def not_a_proxy(what: str) -> ProxyError:
+    return ProxyError(
+        400,
+        f"{what} is refused: tallygate is a reverse proxy, not an open proxy",
+        "invalid_request_error",
+        "not_an_open_proxy",
+    )
+
+
+def method_refused(method: str) -> ProxyError:
+    return ProxyError(
+        405,
+        f"method {method} is refused: tallygate is not an open proxy",
+        "invalid_request_error",
+        "method_not_allowed",
+    )
+
+
+def upstream_unreachable(upstream: str, reason: str) -> ProxyError:
+    return ProxyError(
+        502,
+        f"upstream '{upstream}' is unreachable: {reason}",
+        "upstream_error",
+        "upstream_unreachable",
+    )
+
+
+def upstream_timeout(upstream: str, which: str, seconds: float) -> ProxyError:
+    return ProxyError(
+        504,
+        f"upstream '{upstream}' timed out ({which} after {seconds:g}s)",
+        "upstream_error",
+        "upstream_timeout",
+    )

@@ -1,0 +1,135 @@
+"""Header rules of a reverse proxy: hop-by-hop stripping, forwarding headers, credential injection,
+and the headers of the response we relay. Pure: header maps in, header maps out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import AuthHeader
+
+# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection and Keep-Alive that Go's httputil and
+# Caddy strip too. TE is kept when it is exactly "trailers".
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Set by aiohttp from the body and URL we pass, or replaced by us.
+_REQUEST_RECOMPUTED = frozenset({"host", "content-length", "accept-encoding", "expect"})
+
+Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _connection_named(headers: Headers) -> set[str]:
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return named
+
+
+def _end_to_end(headers: Headers, also_drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | also_drop | _connection_named(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in drop or (lower == "te" and value.strip().lower() == "trailers"):
+            out.add(name, value)
+    return out
+
+
+def is_trusted(peer: str | None, trusted: Iterable[Network]) -> bool:
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSide:
+    """What the proxy knows of the client connection."""
+
+    peer: str | None
+    scheme: str
+    host: str | None
+    trusted: bool
+
+
+def upstream_request_headers(
+    client_headers: Headers,
+    client: ClientSide,
+    api_key: str | None,
+    auth_header: AuthHeader,
+) -> CIMultiDict[str]:
+    headers = _end_to_end(client_headers, _REQUEST_RECOMPUTED)
+    # The proxy reads the body plain (for metering) and compresses toward the client itself.
+    headers["Accept-Encoding"] = "identity"
+
+    forwarded_for = client_headers.get("X-Forwarded-For") if client.trusted else None
+    if client.peer:
+        forwarded_for = f"{forwarded_for}, {client.peer}" if forwarded_for else client.peer
+    if forwarded_for:
+        headers["X-Forwarded-For"] = forwarded_for
+    else:
+        headers.popall("X-Forwarded-For", None)
+    proto = client_headers.get("X-Forwarded-Proto") if client.trusted else None
+    headers["X-Forwarded-Proto"] = proto or client.scheme
+    host = client_headers.get("X-Forwarded-Host") if client.trusted else None
+    host = host or client.host
+    if host:
+        headers["X-Forwarded-Host"] = host
+    else:
+        headers.popall("X-Forwarded-Host", None)
+
+    if api_key:
+        headers.popall("Authorization", None)
+        headers.popall("x-api-key", None)
+        if auth_header == "x-api-key":
+            headers["x-api-key"] = api_key
+        else:
+            headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def client_response_headers(
+    upstream_headers: Headers, *, decoded: bool, gzip: bool, event_stream: bool
+) -> CIMultiDict[str]:
+    """The upstream's end-to-end headers, adjusted for what we did to the body.
+
+    `decoded`: we undid the upstream's Content-Encoding; `gzip`: we compress toward the client.
+    Either way the length is no longer the upstream's.
+    """
+    headers = _end_to_end(upstream_headers)
+    if decoded or gzip:
+        headers.popall("Content-Length", None)
+    if decoded:
+        headers.popall("Content-Encoding", None)
+    if gzip:
+        headers["Content-Encoding"] = "gzip"
+        vary = [v.strip() for value in headers.getall("Vary", ()) for v in value.split(",")]
+        if not any(v.lower() in ("accept-encoding", "*") for v in vary):
+            headers.add("Vary", "Accept-Encoding")
+    if event_stream:
+        # A buffering proxy in front (nginx, a CDN) would otherwise hold events back.
+        cache = headers.get("Cache-Control", "").lower()
+        if "no-cache" not in cache and "no-store" not in cache:
+            headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+    return headers

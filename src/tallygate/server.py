@@ -1,0 +1,157 @@
+"""Process lifecycle: the proxy and admin listeners, the shared upstream session, signals, drain.
+
+The proxy listener serves only proxied traffic; `/healthz` and `/readyz` (and, later, `/metrics`)
+live on the admin listener so they are never exposed on the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config, Listen
+from .relay import Proxy
+
+log = logging.getLogger("tallygate")
+
+# Limits of the HTTP parser toward clients, as nginx's large_client_header_buffers (8 KiB a line).
+_MAX_LINE = 8190
+_MAX_FIELD = 8190
+# Keep-alive for idle client connections, nginx's keepalive_timeout default.
+_CLIENT_KEEPALIVE = 75.0
+
+
+def bind(listen: Listen) -> socket.socket:
+    """A listening socket; port 0 lets the OS choose (tests read it back)."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((listen.host, listen.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+@dataclass
+class Running:
+    proxy: Proxy
+    proxy_port: int
+    admin_port: int
+    _proxy_runner: web.BaseRunner
+    _admin_runner: web.BaseRunner
+    _session: aiohttp.ClientSession
+
+    async def drain_and_stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within shutdown_grace, then close.
+
+        /readyz fails from the first moment, so a load balancer stops sending new requests,
+        while /healthz stays up until the very end.
+        """
+        self.proxy.draining = True
+        log.info("draining: %d requests in flight", self.proxy.active)
+        await self._proxy_runner.cleanup()
+        await self._session.close()
+        await self._admin_runner.cleanup()
+        log.info("stopped")
+
+
+def _admin_app(proxy: Proxy) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        if proxy.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def new_session(config: Config) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=config.pool.max_connections,
+        limit_per_host=0,
+        keepalive_timeout=config.pool.keepalive_timeout,
+        ttl_dns_cache=60,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # We read the body as sent, count it, and decode it ourselves (compression.UpstreamDecoder).
+        auto_decompress=False,
+        # One session serves every client: cookies from one must never reach another.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # Send the client's headers, not aiohttp's defaults.
+        skip_auto_headers=("User-Agent", "Accept"),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+async def start(config: Config) -> Running:
+    session = new_session(config)
+    proxy = Proxy(config, session)
+
+    server = web.Server(
+        proxy.handle,
+        # A client that leaves cancels its handler, which closes the upstream request at once.
+        handler_cancellation=True,
+        access_log=None,
+        max_line_size=_MAX_LINE,
+        max_field_size=_MAX_FIELD,
+        keepalive_timeout=_CLIENT_KEEPALIVE,
+    )
+    proxy_runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_grace)
+    await proxy_runner.setup()
+    proxy_sock = bind(config.listen)
+    await web.SockSite(proxy_runner, proxy_sock).start()
+
+    admin_runner = web.AppRunner(_admin_app(proxy), access_log=None, shutdown_timeout=1.0)
+    await admin_runner.setup()
+    admin_sock = bind(config.admin.listen)
+    await web.SockSite(admin_runner, admin_sock).start()
+
+    return Running(
+        proxy, port_of(proxy_sock), port_of(admin_sock), proxy_runner, admin_runner, session
+    )
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    running = await start(config)
+    log.info(
+        "tallygate listening on %s (admin %s)",
+        _where(config.listen, running.proxy_port),
+        _where(config.admin.listen, running.admin_port),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("signal received, shutting down (grace %gs)", config.shutdown_grace)
+    await running.drain_and_stop()
+
+
+def _where(listen: Listen, port: int) -> str:
+    return str(Listen(listen.host, port))
+
+
+def run(config: Config) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (not on Windows); asyncio's loop works, slower.
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

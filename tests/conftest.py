@@ -1,0 +1,162 @@
+"""Shared test harness: the recorded corpus, a fake upstream, and tallygate started in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from tallygate.config import Config, load_config_text
+from tallygate.server import Running, start
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CORPUS = SHARED / "corpus"
+
+# tiktoken downloads encodings on first use; tests use the copy beside the checkout.
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    body: bytes
+    meta: dict[str, Any]
+    request: bytes | None
+
+    @property
+    def content_type(self) -> str:
+        return str(self.meta["content_type"])
+
+    @property
+    def content_type_header(self) -> str:
+        """The header as recorded; one case records only a note, so fall back to the type."""
+        recorded = str(self.meta.get("content_type_recorded") or "")
+        return recorded if recorded and "(" not in recorded else self.content_type
+
+    @property
+    def path(self) -> str:
+        return str(self.meta["endpoint_path"])
+
+
+def load_corpus() -> list[Case]:
+    cases = []
+    for folder in sorted(p for p in CORPUS.iterdir() if p.is_dir()):
+        request = folder / "request.json"
+        cases.append(
+            Case(
+                id=folder.name,
+                body=(folder / "response.body").read_bytes(),
+                meta=json.loads((folder / "meta.json").read_text()),
+                request=request.read_bytes() if request.exists() else None,
+            )
+        )
+    return cases
+
+
+CASES = load_corpus()
+
+
+def gunzip(data: bytes) -> bytes:
+    """Decode one complete gzip member and insist nothing follows it."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = d.decompress(data) + d.flush()
+    assert d.eof, "gzip stream is not complete"
+    assert not d.unused_data, "bytes after the gzip trailer"
+    return out
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class FakeUpstream:
+    """An aiohttp server on 127.0.0.1 with an OS-chosen port; tests set `handler`."""
+
+    def __init__(self) -> None:
+        self.handler: Handler | None = None
+        self.requests: list[tuple[web.Request, bytes]] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append((request, body))
+        assert self.handler is not None, "the test set no upstream handler"
+        return await self.handler(request)
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=2**30)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def config_for(upstream_url: str, **overrides: Any) -> Config:
+    """A config with both listeners on OS-chosen ports, every route to `upstream_url`."""
+    doc: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0"},
+        "upstreams": {"main": {"url": upstream_url}},
+        "routes": [{"path_prefix": "/", "upstream": "main"}],
+        "shutdown_grace": "5s",
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            doc[key] = {**doc[key], **value}
+        else:
+            doc[key] = value
+    return load_config_text(yaml.safe_dump(doc), env={})
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    server = FakeUpstream()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+ProxyFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def make_proxy(upstream: FakeUpstream) -> AsyncIterator[ProxyFactory]:
+    started: list[Running] = []
+
+    async def factory(upstream_url: str | None = None, **overrides: Any) -> Running:
+        running = await start(config_for(upstream_url or upstream.url, **overrides))
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        await running.drain_and_stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    # auto_decompress off: tests look at the bytes on the wire and decode them themselves.
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
