@@ -247,9 +247,11 @@ class _Reader:
 
 
 def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return "a string" if isinstance(value, str) else type(value).__name__
 
 
 def _bool(value: object) -> bool:
