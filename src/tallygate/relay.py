@@ -7,6 +7,7 @@ only awaits sockets, enforces timeouts, and maps failures to answers. It must no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -84,6 +85,9 @@ class Watchdog:
     def headers_received(self) -> None:
         self._idle = self._timeouts.idle
         self.last = self._loop.time()
+        # The idle deadline may come before the first-byte one the timer is armed for.
+        self._handle.cancel()
+        self._handle = self._loop.call_at(self._due(), self._check)
 
     def _due(self) -> float:
         if self._idle is None:
@@ -207,6 +211,7 @@ class Proxy:
         watchdog = Watchdog(loop, upstream.timeouts)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.timeouts.connect)
         response: web.StreamResponse | None = None
+        encoder: GzipEncoder | None = None
         upstream_response: aiohttp.ClientResponse | None = None
         try:
             try:
@@ -230,7 +235,11 @@ class Proxy:
                     exchange, errors.upstream_unreachable(upstream.name, reason), family
                 )
             watchdog.headers_received()
-            response = await self._relay(request, exchange, upstream_response, watchdog)
+            response, decoder, encoder = self._start_response(request, exchange, upstream_response)
+            await response.prepare(request)
+            await self._pump(
+                request, exchange, upstream_response, response, decoder, encoder, watchdog
+            )
             return response
         except asyncio.CancelledError:
             expired = watchdog.expired
@@ -242,7 +251,7 @@ class Proxy:
             if response is None or not response.prepared:
                 timed_out = errors.upstream_timeout(upstream.name, expired, watchdog.seconds())
                 return self._refuse(exchange, timed_out, family)
-            _abort(request)
+            await _cut(request, response, encoder)
             return response
         finally:
             watchdog.stop()
@@ -251,13 +260,13 @@ class Proxy:
                 # and the upstream must see us leave at once.
                 upstream_response.close()
 
-    async def _relay(
+    def _start_response(
         self,
         request: web.BaseRequest,
         exchange: Exchange,
         upstream_response: aiohttp.ClientResponse,
-        watchdog: Watchdog,
-    ) -> web.StreamResponse:
+    ) -> tuple[web.StreamResponse, UpstreamDecoder | None, GzipEncoder | None]:
+        """The client's response head, and how its body is to be coded."""
         status = upstream_response.status
         exchange.status = status
         upstream_headers = upstream_response.headers
@@ -295,8 +304,20 @@ class Proxy:
         )
         if length is not None and encoder is None:
             response.content_length = length
-        await response.prepare(request)
+        return response, decoder, encoder
 
+    async def _pump(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        upstream_response: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        decoder: UpstreamDecoder | None,
+        encoder: GzipEncoder | None,
+        watchdog: Watchdog,
+    ) -> None:
+        """Copy the body as it arrives. Read errors are the upstream's failure; write errors mean
+        the client left."""
         read = upstream_response.content.readany
         write = response.write
         loop_time = asyncio.get_running_loop().time
@@ -311,10 +332,8 @@ class Proxy:
                     log.warning(
                         "upstream %s failed mid-body: %s", exchange.upstream, _describe(error)
                     )
-                    if encoder is not None:
-                        await write(encoder.flush())
-                    _abort(request)
-                    return response
+                    await _cut(request, response, encoder)
+                    return
                 if not chunk:
                     break
                 watchdog.last = loop_time()
@@ -335,7 +354,6 @@ class Proxy:
             await response.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             exchange.outcome = "client_disconnect"
-        return response
 
     def _refuse(
         self, exchange: Exchange, error: ProxyError, family: errors.ApiFamily
@@ -348,9 +366,15 @@ class Proxy:
         )
 
 
-def _abort(request: web.BaseRequest) -> None:
-    """Close the client connection after what was written is sent, without a last chunk: the
+async def _cut(
+    request: web.BaseRequest, response: web.StreamResponse, encoder: GzipEncoder | None
+) -> None:
+    """End a started response as broken: deliver every byte the upstream sent (out of the
+    compressor too), then close the connection without a last chunk or gzip trailer, so the
     client sees a truncated body, which is the truth."""
+    if encoder is not None:
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            await response.write(encoder.flush())
     transport = request.transport
     if transport is not None:
         transport.close()

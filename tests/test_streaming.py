@@ -1,0 +1,381 @@
+"""The relay's contract in motion: no buffering, disconnects, timeouts, and errors before the start."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from conftest import CASES, FakeUpstream, ProxyFactory
+
+
+def split_events(body: bytes, ndjson: bool) -> list[bytes]:
+    pattern = rb"\n" if ndjson else rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)"
+    pieces, start = [], 0
+    for match in re.finditer(pattern, body):
+        pieces.append(body[start : match.end()])
+        start = match.end()
+    if start < len(body):
+        pieces.append(body[start:])
+    return pieces
+
+
+LOCKSTEP_CASES = [
+    c for c in CASES if c.id[:3] in ("007", "018", "025", "040", "052")
+]  # LF, SSE comments, CRLF, Anthropic padding, NDJSON
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
+@pytest.mark.parametrize("case", LOCKSTEP_CASES, ids=lambda c: c.id[:3])
+async def test_each_event_reaches_the_client_before_the_next_is_sent(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    case: object,
+    gzip: bool,
+) -> None:
+    """Lockstep: the upstream sends event n+1 only once the client has decoded event n. A proxy
+    that held anything back (a buffer, an unflushed compressor) deadlocks, and the test fails."""
+    from conftest import Case
+
+    assert isinstance(case, Case)
+    events = split_events(case.body, case.content_type == "application/x-ndjson")
+    assert len(events) > 3
+    decoded_upto = asyncio.Condition()
+    received = bytearray()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": case.content_type_header})
+        await response.prepare(request)
+        sent = b""
+        for event in events:
+            await response.write(event)
+            sent += event
+            async with decoded_upto:
+                await asyncio.wait_for(
+                    decoded_upto.wait_for(lambda: bytes(received).startswith(sent)), 5
+                )
+        await response.write_eof()
+        return response
+
+    upstream.handler = handler
+    running = await make_proxy()
+    headers = {"Accept-Encoding": "gzip" if gzip else "identity"}
+    url = f"http://127.0.0.1:{running.proxy_port}{case.path}"
+    async with client.post(url, data=b"{}", headers=headers) as response:
+        assert (response.headers.get("Content-Encoding") == "gzip") is gzip
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
+        async with asyncio.timeout(30):
+            while chunk := await response.content.readany():
+                received.extend(inflate.decompress(chunk) if inflate else chunk)
+                async with decoded_upto:
+                    decoded_upto.notify_all()
+    assert bytes(received) == case.body
+
+
+async def raw_server(
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> tuple[asyncio.Server, int]:
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    if length:
+        await reader.readexactly(int(length[1]))
+    return head
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+EVENT_1 = b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
+async def test_client_disconnect_closes_the_upstream_within_100ms(
+    make_proxy: ProxyFactory, gzip: bool
+) -> None:
+    upstream_saw_close = asyncio.Event()
+    closed_at: list[float] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(SSE_HEAD + chunk(EVENT_1))
+        await writer.drain()
+        # Block mid-stream; only the proxy closing the connection ends this read.
+        await reader.read()
+        closed_at.append(asyncio.get_running_loop().time())
+        upstream_saw_close.set()
+        writer.close()
+
+    server, port = await raw_server(serve)
+    async with server:
+        running = await make_proxy(f"http://127.0.0.1:{port}")
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy_port)
+        encoding = b"gzip" if gzip else b"identity"
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Accept-Encoding: " + encoding + b"\r\n\r\n{}"
+        )
+        await writer.drain()
+        got = b""
+        async with asyncio.timeout(5):
+            while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 10:
+                got += await reader.read(4096)
+        if not gzip:
+            assert EVENT_1 in got
+        left_at = asyncio.get_running_loop().time()
+        writer.close()
+        await asyncio.wait_for(upstream_saw_close.wait(), 5)
+        assert closed_at[0] - left_at < 0.1
+
+
+def timeouts(**values: str) -> dict[str, object]:
+    return {"upstreams": {"main": {"url": "", "timeouts": values}}}
+
+
+async def proxy_with_timeouts(
+    make_proxy: ProxyFactory, url: str, **values: str
+) -> tuple[int, object]:
+    running = await make_proxy(
+        upstreams={"main": {"url": url, "timeouts": values}},
+    )
+    return running.proxy_port, running
+
+
+async def test_first_byte_timeout_answers_504_in_the_api_shape(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    async def never(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(30)
+        return web.Response()
+
+    upstream.handler = never
+    port, _ = await proxy_with_timeouts(make_proxy, upstream.url, first_byte="300ms")
+    started = asyncio.get_running_loop().time()
+    async with client.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}") as r:
+        assert r.status == 504
+        body = orjson.loads(await r.read())
+    assert body["error"]["code"] == "upstream_timeout"
+    assert body["error"]["type"] == "upstream_error"
+    assert "first_byte" in body["error"]["message"]
+    assert 0.25 < asyncio.get_running_loop().time() - started < 2
+
+    # The same failure on an Anthropic path comes back in Anthropic's shape.
+    async with client.post(f"http://127.0.0.1:{port}/v1/messages", data=b"{}") as r:
+        assert r.status == 504
+        body = orjson.loads(await r.read())
+    assert body["type"] == "error" and body["error"]["type"] == "timeout_error"
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
+async def test_idle_timeout_ends_a_started_stream_without_inventing_events(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession, gzip: bool
+) -> None:
+    sent = EVENT_1 + b'data: {"choices":[{"delta":{"content":"lo'  # stalls inside event 2
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sent)
+        await asyncio.sleep(30)
+        return response
+
+    upstream.handler = stalls
+    port, _ = await proxy_with_timeouts(make_proxy, upstream.url, idle="300ms")
+    headers = {"Accept-Encoding": "gzip" if gzip else "identity"}
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    received = b""
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async with client.post(url, data=b"{}", headers=headers) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with asyncio.timeout(5):
+                while piece := await r.content.readany():
+                    received += inflate.decompress(piece) if gzip else piece
+    # Everything the upstream sent, the half event too, and nothing more: no [DONE], no error
+    # event, no clean end of the chunked body or of the gzip member.
+    assert received == sent
+    assert not inflate.eof
+
+
+async def test_total_timeout_cuts_a_stream_that_never_ends(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        while True:
+            await response.write(EVENT_1)
+            await asyncio.sleep(0.05)
+
+    upstream.handler = endless
+    port, _ = await proxy_with_timeouts(make_proxy, upstream.url, idle="10s", total="500ms")
+    started = asyncio.get_running_loop().time()
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async with client.post(url, data=b"{}", headers={"Accept-Encoding": "gzip"}) as r:
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        received = b""
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with asyncio.timeout(5):
+                while piece := await r.content.readany():
+                    received += inflate.decompress(piece)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert 0.45 < elapsed < 2
+    assert received and len(received) % len(EVENT_1) == 0
+    assert set(received.split(b"\n\n")) <= {EVENT_1[:-2], b""}
+
+
+@pytest.fixture
+async def unaccepting_port() -> AsyncIterator[int]:
+    """A port whose accept queue is full, so a new connection hangs in SYN_SENT."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    await asyncio.sleep(0.1)
+    yield port
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+async def test_connect_timeout_answers_504(
+    make_proxy: ProxyFactory, client: aiohttp.ClientSession, unaccepting_port: int
+) -> None:
+    url = f"http://127.0.0.1:{unaccepting_port}"
+    port, _ = await proxy_with_timeouts(make_proxy, url, connect="300ms")
+    started = asyncio.get_running_loop().time()
+    async with client.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}") as r:
+        assert r.status == 504
+        body = orjson.loads(await r.read())
+    assert body["error"]["code"] == "upstream_timeout"
+    assert "connect" in body["error"]["message"]
+    assert asyncio.get_running_loop().time() - started < 2
+
+
+async def test_upstream_down_answers_502(
+    make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    running = await make_proxy(f"http://127.0.0.1:{dead_port}")
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    async with client.post(url, data=b"{}") as r:
+        assert r.status == 502
+        assert r.headers["Content-Type"].startswith("application/json")
+        body = orjson.loads(await r.read())
+    assert body["error"]["code"] == "upstream_unreachable"
+    # Ollama's clients expect {"error": "..."}.
+    async with client.post(f"http://127.0.0.1:{running.proxy_port}/api/chat", data=b"{}") as r:
+        assert r.status == 502
+        assert isinstance(orjson.loads(await r.read())["error"], str)
+
+
+async def test_upstream_errors_are_relayed_untouched(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    error = b'{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit"}}'
+
+    async def limited(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            status=429, body=error, content_type="application/json",
+            headers={"Retry-After": "7", "x-ratelimit-remaining-requests": "0"},
+        )  # fmt: skip
+
+    upstream.handler = limited
+    running = await make_proxy()
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    async with client.post(url, data=b"{}") as r:
+        assert r.status == 429
+        assert r.headers["Retry-After"] == "7"
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+        assert await r.read() == error
+
+
+async def test_no_route_answers_404(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    running = await make_proxy(routes=[{"path_prefix": "/v1", "upstream": "main"}])
+    async with client.get(f"http://127.0.0.1:{running.proxy_port}/v2/models") as r:
+        assert r.status == 404
+        body = orjson.loads(await r.read())
+    assert body["error"]["code"] == "route_not_found"
+    # Prefixes match whole segments.
+    async with client.get(f"http://127.0.0.1:{running.proxy_port}/v1x/models") as r:
+        assert r.status == 404
+    assert upstream.requests == []
+
+
+async def test_oversized_request_bodies_get_413_and_are_not_forwarded(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    upstream.handler = lambda request: _ok()
+    running = await make_proxy(limits={"max_request_bytes": "1KiB"})
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    async with client.post(url, data=b"x" * 1024) as r:
+        assert r.status == 200
+    async with client.post(url, data=b"x" * 1025) as r:
+        assert r.status == 413
+        assert orjson.loads(await r.read())["error"]["code"] == "request_too_large"
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b"y" * 200
+
+    async with client.post(url, data=chunked()) as r:
+        assert r.status == 413
+    assert [len(body) for _, body in upstream.requests] == [1024]
+
+
+async def _ok() -> web.StreamResponse:
+    return web.json_response({"ok": True})
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
+async def test_upstream_that_dies_mid_event_is_relayed_as_cut(
+    make_proxy: ProxyFactory, client: aiohttp.ClientSession, gzip: bool
+) -> None:
+    partial = b'data: {"choices":[{"delta":{"con'
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(SSE_HEAD + chunk(EVENT_1) + chunk(partial))
+        await writer.drain()
+        writer.close()  # no last chunk: the upstream died
+
+    server, port = await raw_server(serve)
+    async with server:
+        running = await make_proxy(f"http://127.0.0.1:{port}")
+        url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+        headers = {"Accept-Encoding": "gzip" if gzip else "identity"}
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        received = b""
+        async with client.post(url, data=b"{}", headers=headers) as r:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with asyncio.timeout(5):
+                    while piece := await r.content.readany():
+                        received += inflate.decompress(piece) if gzip else piece
+        assert received == EVENT_1 + partial
