@@ -280,6 +280,9 @@ def _string(value: object) -> str:
 def _url(value: object) -> str:
     text = _string(value).strip()
     parts = urlsplit(text)
+    # First, so that no message below repeats a URL that holds a password.
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials in the URL are not supported: use api_key")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
     if parts.query or parts.fragment:
@@ -477,16 +480,7 @@ def _plain(value: object, key: str = "") -> object:
         return [_plain(v) for v in value]
     if key == "api_key" and value:
         return MASK
-    if key == "url" and isinstance(value, str):
-        return _mask_userinfo(value)
     return value
-
-
-def _mask_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", f":{MASK}@", 1)
 
 
 def effective_config(config: Config) -> dict[str, Any]:
