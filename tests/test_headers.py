@@ -1,4 +1,4 @@
-"""Headers across the proxy: hop-by-hop stripping, X-Forwarded-*, credentials, open-proxy refusal."""
+"""Headers across the proxy: hop-by-hop, X-Forwarded-*, credentials, open-proxy refusal."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from conftest import FakeUpstream, ProxyFactory
 from tallygate.headers import ClientSide, upstream_request_headers
 from tallygate.routing import prefix_matches
+
+from conftest import FakeUpstream, ProxyFactory
 
 SECRET = "sk-proj-TALLYGATE-TEST-SECRET-0123456789"
 

@@ -1,4 +1,4 @@
-"""The relay's contract in motion: no buffering, disconnects, timeouts, and errors before the start."""
+"""The relay's contract in motion: no buffering, disconnects, timeouts, errors before the start."""
 
 from __future__ import annotations
 
@@ -58,9 +58,10 @@ async def test_each_event_reaches_the_client_before_the_next_is_sent(
         for event in events:
             await response.write(event)
             sent += event
+            expected = sent
             async with decoded_upto:
                 await asyncio.wait_for(
-                    decoded_upto.wait_for(lambda: bytes(received).startswith(sent)), 5
+                    decoded_upto.wait_for(lambda e=expected: bytes(received).startswith(e)), 5
                 )
         await response.write_eof()
         return response
