@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tallygate.compression import GzipEncoder, GzipSettings, flush_policy
 
+
 def events(body: bytes, ndjson: bool) -> list[bytes]:
     """The body cut after each event (SSE) or line (NDJSON)."""
     pattern = rb"\n" if ndjson else rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)"

@@ -116,7 +116,7 @@ class GzipEncoder:
     read waits in zlib for its end, which the client could not use before anyway.
     """
 
-    __slots__ = ("_compressor", "_policy", "_tail")
+    __slots__ = ("_after_cr", "_compressor", "_policy", "_tail")
 
     def __init__(self, settings: GzipSettings, policy: FlushPolicy) -> None:
         # wbits + 16 selects the gzip container (header and CRC trailer) rather than zlib's.
@@ -125,6 +125,7 @@ class GzipEncoder:
         )
         self._policy = policy
         self._tail = 0  # the last byte fed, for an SSE boundary split across two reads
+        self._after_cr = False  # the last flush ended on a CR whose LF may come next
 
     def feed(self, data: bytes) -> bytes:
         if not data:
@@ -158,7 +159,11 @@ class GzipEncoder:
         if policy == "ndjson":
             return data.rfind(b"\n") + 1
         tail, self._tail = self._tail, data[-1]
-        return _sse_flush_point(data, tail)
+        end = _sse_flush_point(data, tail)
+        if self._after_cr and data[0] == _LF:
+            end = max(end, 1)  # the LF of a CRLF that ended an event: clients may wait for it
+        self._after_cr = end == len(data) and data[-1] == _CR
+        return end
 
 
 _LF, _CR = 0x0A, 0x0D

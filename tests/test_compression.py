@@ -1,0 +1,173 @@
+"""The compression core, pure: no sockets. Fed whole, byte by byte and at random split points."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import re
+import zlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tallygate.compression import (
+    GzipEncoder,
+    GzipSettings,
+    UpstreamDecoder,
+    accepts_gzip,
+    flush_policy,
+    is_compressible,
+)
+
+from conftest import CASES, Case, gunzip
+
+SETTINGS = GzipSettings()
+
+
+def event_ends(body: bytes, ndjson: bool) -> list[int]:
+    pattern = rb"\n" if ndjson else rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)"
+    return [m.end() for m in re.finditer(pattern, body)]
+
+
+def check_streaming(case: Case, pieces: list[bytes]) -> None:
+    """Feeding `pieces` one by one: after each, the client can decode every complete event so far;
+    at the end, it decodes exactly the body."""
+    ndjson = case.content_type == "application/x-ndjson"
+    encoder = GzipEncoder(SETTINGS, flush_policy(case.content_type, None))
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    ends = event_ends(case.body, ndjson)
+    fed = decoded = 0
+    for piece in pieces:
+        decoded += len(inflate.decompress(encoder.feed(piece)))
+        fed += len(piece)
+        complete = max((e for e in ends if e <= fed), default=0)
+        assert decoded >= complete, f"{case.id}: event ending at {complete} held back"
+    tail = inflate.decompress(encoder.close())
+    assert inflate.eof and decoded + len(tail) == len(case.body)
+
+
+def split_at(body: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(set(cuts)), len(body)]
+    return [body[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id[:3])
+def test_every_event_is_decodable_on_arrival_at_random_splits(case: Case) -> None:
+    rng = random.Random(case.id)
+    for _ in range(3):
+        cuts = [rng.randrange(1, len(case.body)) for _ in range(rng.randrange(1, 60))]
+        check_streaming(case, split_at(case.body, cuts))
+    check_streaming(case, [case.body])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id[:3] in ("007", "025", "040", "052")])
+def test_byte_by_byte(case: Case) -> None:
+    check_streaming(case, [case.body[i : i + 1] for i in range(len(case.body))])
+
+
+@given(st.lists(st.sampled_from([b"data: x", b"\r", b"\n", b"\r\n", b": c", b"event: e"]),
+                max_size=40), st.data())  # fmt: skip
+def test_sse_boundaries_in_any_line_ending_mix(parts: list[bytes], data: st.DataObject) -> None:
+    body = b"".join(parts) + b"\n\n"
+    cuts = data.draw(st.lists(st.integers(1, len(body) - 1), max_size=10)) if len(body) > 1 else []
+    case = Case("mix", body, {"content_type": "text/event-stream"}, None)
+    check_streaming(case, split_at(body, cuts))
+
+
+def test_one_flush_per_read_holding_several_events() -> None:
+    events = b"".join(b'data: {"n":%d}\n\n' % i for i in range(20))
+    encoder = GzipEncoder(SETTINGS, "sse")
+    out = encoder.feed(events)
+    assert out.count(b"\x00\x00\xff\xff") == 1  # one sync-flush marker, not twenty
+
+
+def test_known_length_body_is_not_flushed_until_the_end() -> None:
+    encoder = GzipEncoder(SETTINGS, "end")
+    body = b'{"text": "' + b"abc " * 1000 + b'"}'
+    head = encoder.feed(body)
+    assert len(head) <= 10  # the gzip header at most
+    assert gunzip(head + encoder.close()) == body
+
+
+def test_compressor_state_is_bounded_by_the_defaults() -> None:
+    assert SETTINGS.state_bytes() <= 32 * 1024
+
+
+def test_ratio_of_the_defaults_on_the_corpus_is_at_least_90_percent_of_zlibs() -> None:
+    def size(settings: GzipSettings) -> int:
+        total = 0
+        for case in CASES:
+            ndjson = case.content_type == "application/x-ndjson"
+            encoder = GzipEncoder(settings, flush_policy(case.content_type, None))
+            ends = [0, *event_ends(case.body, ndjson), len(case.body)]
+            for a, b in zip(ends, ends[1:], strict=False):
+                total += len(encoder.feed(case.body[a:b]))
+            total += len(encoder.close())
+        return total
+
+    raw = sum(len(c.body) for c in CASES)
+    ours = raw / size(SETTINGS)
+    reference = raw / size(GzipSettings(SETTINGS.level, 15, 8))
+    assert ours >= 0.9 * reference, (ours, reference)
+
+
+@pytest.mark.parametrize(
+    ("header", "accepted"),
+    [
+        (None, False),
+        ("", False),
+        ("gzip", True),
+        ("GZIP", True),
+        ("deflate, gzip;q=0.5", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.000", False),
+        ("*", True),
+        ("*;q=0", False),
+        ("br, *", True),
+        ("*, gzip;q=0", False),
+        ("br", False),
+        ("identity", False),
+        ("x-gzip", True),
+        ("gzip;q=bogus", False),
+    ],
+)
+def test_accept_encoding(header: str | None, accepted: bool) -> None:
+    assert accepts_gzip(header) is accepted
+
+
+def test_what_is_worth_compressing() -> None:
+    assert is_compressible("text/event-stream; charset=utf-8", None, 1024)
+    assert is_compressible("application/x-ndjson", None, 1024)
+    assert is_compressible("application/json", 5000, 1024)
+    assert not is_compressible("application/json", 200, 1024)
+    assert is_compressible("application/vnd.api+json", None, 1024)
+    assert not is_compressible("image/png", None, 1024)
+    assert not is_compressible(None, None, 1024)
+
+
+def test_flush_policy() -> None:
+    assert flush_policy("Text/Event-Stream;charset=UTF-8", None) == "sse"
+    assert flush_policy("application/x-ndjson", None) == "ndjson"
+    assert flush_policy("application/json", None) == "read"
+    assert flush_policy("application/json", 10_000) == "end"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "raw-deflate"])
+def test_upstream_decoder(coding: str) -> None:
+    body = CASES[0].body
+    if coding in ("gzip", "x-gzip"):
+        encoded = gzip.compress(body)
+    elif coding == "deflate":
+        encoded = zlib.compress(body)
+    else:
+        c = zlib.compressobj(6, zlib.DEFLATED, -15)
+        encoded, coding = c.compress(body) + c.flush(), "deflate"
+    decoder = UpstreamDecoder(coding)
+    out = b"".join(decoder.feed(encoded[i : i + 7]) for i in range(0, len(encoded), 7))
+    assert out + decoder.close() == body
+
+
+def test_upstream_decoder_refuses_unknown_codings() -> None:
+    with pytest.raises(ValueError, match="br"):
+        UpstreamDecoder("br")
