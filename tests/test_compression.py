@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import random
 import re
 import zlib
@@ -49,7 +50,7 @@ def check_streaming(case: Case, pieces: list[bytes]) -> None:
 
 def split_at(body: bytes, cuts: list[int]) -> list[bytes]:
     bounds = [0, *sorted(set(cuts)), len(body)]
-    return [body[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [body[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id[:3])
@@ -101,7 +102,7 @@ def test_ratio_of_the_defaults_on_the_corpus_is_at_least_90_percent_of_zlibs() -
             ndjson = case.content_type == "application/x-ndjson"
             encoder = GzipEncoder(settings, flush_policy(case.content_type, None))
             ends = [0, *event_ends(case.body, ndjson), len(case.body)]
-            for a, b in zip(ends, ends[1:], strict=False):
+            for a, b in itertools.pairwise(ends):
                 total += len(encoder.feed(case.body[a:b]))
             total += len(encoder.close())
         return total
