@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 import zlib
@@ -108,8 +109,9 @@ def chunk(data: bytes) -> bytes:
 
 @pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
 async def test_client_disconnect_closes_the_upstream_within_100ms(
-    make_proxy: ProxyFactory, gzip: bool
+    make_proxy: ProxyFactory, gzip: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="tallygate")
     upstream_saw_close = asyncio.Event()
     closed_at: list[float] = []
 
@@ -143,6 +145,7 @@ async def test_client_disconnect_closes_the_upstream_within_100ms(
         writer.close()
         await asyncio.wait_for(upstream_saw_close.wait(), 5)
         assert closed_at[0] - left_at < 0.1
+    assert "POST /v1/chat/completions ended: client_disconnect (status 200)" in caplog.text
 
 
 def timeouts(**values: str) -> dict[str, object]:
