@@ -52,6 +52,7 @@ async def serve(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[object]
                     r"listening on 127\.0\.0\.1:(\d+) \(admin 127\.0\.0\.1:(\d+)\)", line
                 )
                 if found:
+                    assert "event loop uvloop" in line
                     break
         process = Process(proc, int(found[1]), int(found[2]))
         started.append(process)

@@ -383,3 +383,24 @@ async def test_upstream_that_dies_mid_event_is_relayed_as_cut(
                     while piece := await r.content.readany():
                         received += inflate.decompress(piece) if gzip else piece
         assert received == EVENT_1 + partial
+
+
+async def test_any_method_is_relayed_and_head_has_no_body(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"method": request.method, "deleted": True})
+
+    upstream.handler = answer
+    running = await make_proxy()
+    base = f"http://127.0.0.1:{running.proxy_port}"
+    for method in ("DELETE", "PUT", "PATCH", "OPTIONS"):
+        async with client.request(method, f"{base}/v1/files/file-1") as r:
+            assert orjson.loads(await r.read())["method"] == method
+    async with client.head(f"{base}/v1/files/file-1") as r:
+        assert r.status == 200
+        assert int(r.headers["Content-Length"]) > 0
+        assert await r.read() == b""
+    assert [req.method for req, _ in upstream.requests] == [
+        "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD",
+    ]  # fmt: skip

@@ -131,9 +131,10 @@ async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
     running = await start(config)
     log.info(
-        "tallygate listening on %s (admin %s)",
+        "tallygate listening on %s (admin %s), event loop %s",
         _where(config.listen, running.proxy_port),
         _where(config.admin.listen, running.admin_port),
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
