@@ -1,0 +1,178 @@
+"""Incremental framers for event streams: SSE (WHATWG HTML, "Parsing an event stream") and NDJSON.
+
+Pure: fed bytes with `feed()`, ended with `close()`, they return small frozen events. Every event
+keeps its exact raw bytes, so the concatenation of all events' `raw` equals the input: a consumer
+can rebuild (or filter) the stream from events alone. No sockets, no clock.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_CR, _LF = 0x0D, 0x0A
+
+# An event larger than this is not metered (the relay goes on). LLM stream events are a few hundred
+# bytes; the largest in the corpus (a Responses API `response.completed` that repeats the whole
+# output and the tool list) is under 30 KiB. nginx's default proxy_buffer_size is 4-8 KiB and its
+# large_client_header_buffers 8 KiB; an event is a whole message, so we allow far more.
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+
+
+class EventTooLarge(Exception):
+    """A single event grew past the bound: the stream is not ours to judge, metering stops."""
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One SSE block, up to and including its blank line.
+
+    `data` is None when the block had no data field (a comment such as `: keep-alive`, or only
+    `event:`/`id:` lines): browsers do not dispatch those.
+    """
+
+    raw: bytes
+    data: bytes | None = None
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NdjsonLine:
+    raw: bytes  # the line with its terminator
+    data: bytes  # the line without it, possibly empty
+
+
+class SseFramer:
+    __slots__ = (
+        "_buf", "_data", "_event", "_held", "_id", "_line_start", "_max", "_retry", "_skip_lf",
+    )  # fmt: skip
+
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._max = max_event_bytes
+        self._buf = bytearray()  # the bytes of the event being read
+        self._line_start = 0  # where the line being read starts in _buf
+        self._skip_lf = False  # the last byte was a CR: an LF right after it is the same line end
+        self._held = False  # _buf is a complete event but for a possible LF
+        self._reset_fields()
+
+    def _reset_fields(self) -> None:
+        self._data: list[bytes] = []
+        self._event: str | None = None
+        self._id: str | None = None
+        self._retry: int | None = None
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes fed that belong to no complete event yet."""
+        return bytes(self._buf)
+
+    def feed(self, data: bytes) -> list[SseEvent]:
+        if not data:
+            return []
+        buf = self._buf
+        scan_from = len(buf)
+        buf += data
+        events: list[SseEvent] = []
+        event_start = 0
+        line_start = self._line_start
+        if self._skip_lf:
+            self._skip_lf = False
+            if data[0] == _LF:  # the LF of a CRLF whose CR ended the last read
+                scan_from += 1
+                line_start = scan_from
+        if self._held:
+            # A blank line ended by a CR at the end of the last read: now we know whether an LF
+            # belonged to it, so every split of the input yields the same events.
+            self._held = False
+            events.append(self._dispatch(bytes(buf[:scan_from])))
+            event_start = line_start = scan_from
+        for match in _LINE_END.finditer(buf, scan_from):
+            end = match.end()
+            cr_at_end = end == len(buf) and buf[end - 1] == _CR
+            if cr_at_end:
+                self._skip_lf = True
+            if match.start() == line_start:  # a blank line: the event is complete
+                if cr_at_end:
+                    self._held = True
+                    line_start = end
+                    break
+                events.append(self._dispatch(bytes(buf[event_start:end])))
+                event_start = end
+            else:
+                self._field(buf[line_start : match.start()])
+            line_start = end
+        if event_start:
+            del buf[:event_start]
+        self._line_start = line_start - event_start
+        if len(buf) > self._max:
+            raise EventTooLarge(f"an SSE event exceeds {self._max} bytes")
+        return events
+
+    def close(self) -> list[SseEvent]:
+        """The last event, when the stream ended without its blank line (or mid-line)."""
+        if not self._buf:
+            return []
+        if self._line_start < len(self._buf):
+            self._field(self._buf[self._line_start :])
+        event = self._dispatch(bytes(self._buf))
+        self._buf.clear()
+        self._line_start = 0
+        self._held = self._skip_lf = False
+        return [event]
+
+    def _field(self, line: bytearray) -> None:
+        if line[:1] == b":":
+            return  # a comment
+        name, colon, value = bytes(line).partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"id":
+            if b"\0" not in value:
+                self._id = value.decode("utf-8", "replace")
+        elif name == b"retry" and value.isdigit():
+            self._retry = int(value)
+
+    def _dispatch(self, raw: bytes) -> SseEvent:
+        data = b"\n".join(self._data) if self._data else None
+        event = SseEvent(raw, data, self._event, self._id, self._retry)
+        self._reset_fields()
+        return event
+
+
+class NdjsonFramer:
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._max = max_event_bytes
+        self._buf = b""
+
+    @property
+    def pending(self) -> bytes:
+        return self._buf
+
+    def feed(self, data: bytes) -> list[NdjsonLine]:
+        buf = self._buf + data if self._buf else data
+        lines = []
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            raw = buf[start : end + 1]
+            lines.append(NdjsonLine(raw, raw.rstrip(b"\r\n")))
+            start = end + 1
+        self._buf = buf[start:]
+        if len(self._buf) > self._max:
+            raise EventTooLarge(f"an NDJSON line exceeds {self._max} bytes")
+        return lines
+
+    def close(self) -> list[NdjsonLine]:
+        if not self._buf:
+            return []
+        line = NdjsonLine(self._buf, self._buf.rstrip(b"\r"))
+        self._buf = b""
+        return [line]

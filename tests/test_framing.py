@@ -1,0 +1,118 @@
+"""SSE and NDJSON framers: fed whole, byte by byte, at random split points; raw bytes round-trip."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tallygate.framing import EventTooLarge, NdjsonFramer, NdjsonLine, SseEvent, SseFramer
+
+from conftest import CASES, Case
+
+
+def frame(case_body: bytes, cuts: list[int], ndjson: bool) -> list[SseEvent] | list[NdjsonLine]:
+    framer = NdjsonFramer() if ndjson else SseFramer()
+    bounds = [0, *sorted(set(cuts)), len(case_body)]
+    events: list = []
+    for a, b in itertools.pairwise(bounds):
+        events += framer.feed(case_body[a:b])
+    return events + framer.close()
+
+
+def signature(events: list) -> list[tuple]:
+    return [tuple(getattr(e, f) for f in e.__slots__) for e in events]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id[:3])
+def test_corpus_whole_bytewise_and_random_splits_agree(case: Case) -> None:
+    ndjson = case.content_type == "application/x-ndjson"
+    whole = frame(case.body, [], ndjson)
+    assert b"".join(e.raw for e in whole) == case.body
+    if not ndjson:
+        expected = case.meta["body"]["sse_events"]
+        assert len(whole) == expected, (len(whole), expected)
+        assert sum(e.data is not None for e in whole) == case.meta["body"]["sse_data_events"]
+    bytewise = frame(case.body, list(range(1, len(case.body))), ndjson)
+    assert signature(bytewise) == signature(whole)
+    rng = random.Random(case.id)
+    for _ in range(5):
+        cuts = [rng.randrange(1, len(case.body)) for _ in range(rng.randrange(1, 40))]
+        assert signature(frame(case.body, cuts, ndjson)) == signature(whole)
+
+
+def test_whatwg_fields() -> None:
+    body = (
+        b": keep-alive\n\n"
+        b"event: add\ndata: line one\ndata:line two\nid: 7\nretry: 3000\n\n"
+        b"data\n\n"
+        b"data: x\r\n\r\n"
+        b"data: y\r\r"
+        b"data: unterminated"
+    )
+    events = frame(body, [], False)
+    assert [(e.data, e.event, e.id, e.retry) for e in events] == [
+        (None, None, None, None),
+        (b"line one\nline two", "add", "7", 3000),
+        (b"", None, None, None),
+        (b"x", None, None, None),
+        (b"y", None, None, None),
+        (b"unterminated", None, None, None),
+    ]
+    assert b"".join(e.raw for e in events) == body
+
+
+def test_crlf_split_between_cr_and_lf_is_one_line_end() -> None:
+    framer = SseFramer()
+    # Complete but for a possible LF: held until the next byte says which.
+    assert framer.feed(b"data: a\r\n\r") == []
+    assert framer.feed(b"\n") == [SseEvent(b"data: a\r\n\r\n", b"a")]
+    assert [e.data for e in framer.feed(b"data: b\r\n\r\n")] == [b"b"]
+    assert framer.feed(b"data: c\r\r") == []
+    assert framer.feed(b"data: d\n\n") == [
+        SseEvent(b"data: c\r\r", b"c"),
+        SseEvent(b"data: d\n\n", b"d"),
+    ]
+    assert framer.feed(b"data: e\r\r") == []
+    assert framer.close() == [SseEvent(b"data: e\r\r", b"e")]
+
+
+@given(st.lists(st.sampled_from([b"data: x", b"data:", b": c", b"event: e", b"id: 1", b"\r",
+                                 b"\n", b"\r\n", "é".encode(), b"retry: 5"]), max_size=30),
+       st.data())  # fmt: skip
+def test_any_line_ending_mix_frames_identically_at_any_split(
+    parts: list[bytes], data: st.DataObject
+) -> None:
+    body = b"".join(parts)
+    whole = frame(body, [], False)
+    assert b"".join(e.raw for e in whole) == body
+    if len(body) > 1:
+        cuts = data.draw(st.lists(st.integers(1, len(body) - 1), max_size=12))
+        assert signature(frame(body, cuts, False)) == signature(whole)
+    # Garbage after a complete stream does not disturb the events before it.
+    extended = frame(body + b"\n\n\xff\xfe garbage", [], False)
+    assert b"".join(e.raw for e in extended) == body + b"\n\n\xff\xfe garbage"
+
+
+def test_event_size_is_bounded() -> None:
+    framer = SseFramer(max_event_bytes=100)
+    framer.feed(b"data: " + b"x" * 90)
+    with pytest.raises(EventTooLarge):
+        framer.feed(b"x" * 20)
+    ndjson = NdjsonFramer(max_event_bytes=100)
+    with pytest.raises(EventTooLarge):
+        ndjson.feed(b"{" * 101)
+
+
+def test_ndjson_lines() -> None:
+    framer = NdjsonFramer()
+    assert framer.feed(b'{"a":1}\n{"b"') == [NdjsonLine(b'{"a":1}\n', b'{"a":1}')]
+    assert framer.feed(b":2}\r\n\n") == [
+        NdjsonLine(b'{"b":2}\r\n', b'{"b":2}'),
+        NdjsonLine(b"\n", b""),
+    ]
+    assert framer.feed(b'{"c":3}') == []
+    assert framer.close() == [NdjsonLine(b'{"c":3}', b'{"c":3}')]
