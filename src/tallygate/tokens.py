@@ -1,0 +1,197 @@
+"""Token counting with tiktoken: which encoding a model uses, and exact incremental counts.
+
+The counter is exact because BPE tokens never span tiktoken's pre-tokenizer pieces (the split
+regex of each encoding): once a piece can no longer change, its tokens are final. New text can
+only change the last two pieces (a word can grow; `word'` + `s` joins into one piece under
+o200k's contraction rule), so everything before them is counted and dropped. The work stays
+linear in the text. Pure, except `load_encodings`, which reads tiktoken's cache at start-up.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import regex
+import tiktoken
+
+ENCODINGS = ("o200k_base", "cl100k_base", "p50k_base")
+
+# Model name globs, first match wins, matched against the name after any `provider/` prefix.
+# From OpenAI's model pages and tiktoken's own table: gpt-4o and later, and the o-series, use
+# o200k_base; gpt-4 and gpt-3.5 (and davinci-002, babbage-002) use cl100k_base.
+DEFAULT_MODEL_ENCODINGS: tuple[tuple[str, str], ...] = (
+    ("gpt-4o*", "o200k_base"),
+    ("chatgpt-4o*", "o200k_base"),
+    ("gpt-4.1*", "o200k_base"),
+    ("gpt-4.5*", "o200k_base"),
+    ("gpt-5*", "o200k_base"),
+    ("gpt-oss*", "o200k_base"),
+    ("o1*", "o200k_base"),
+    ("o3*", "o200k_base"),
+    ("o4*", "o200k_base"),
+    ("codex-*", "o200k_base"),
+    ("gpt-4*", "cl100k_base"),
+    ("gpt-3.5*", "cl100k_base"),
+    ("gpt-35*", "cl100k_base"),
+    ("davinci-002*", "cl100k_base"),
+    ("babbage-002*", "cl100k_base"),
+    ("text-embedding-*", "cl100k_base"),
+    ("text-davinci-*", "p50k_base"),
+    ("code-*", "p50k_base"),
+)
+
+
+class TokenizerError(Exception):
+    pass
+
+
+def cache_dir() -> str:
+    """Where tiktoken keeps its downloads (its own rule)."""
+    return (
+        os.environ.get("TIKTOKEN_CACHE_DIR")
+        or os.environ.get("DATA_GYM_CACHE_DIR")
+        or (os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+    )
+
+
+def load_encodings(names: Iterable[str]) -> dict[str, tiktoken.Encoding]:
+    """Load encodings now, at start-up, never on a first request."""
+    loaded = {}
+    for name in sorted(set(names)):
+        try:
+            loaded[name] = tiktoken.get_encoding(name)
+        except Exception as error:  # tiktoken raises whatever its download raised
+            raise TokenizerError(
+                f"cannot load the tiktoken encoding {name!r} (cache directory: {cache_dir()}; "
+                f"{type(error).__name__}). Where there is internet, run "
+                f"`tallygate tokenizers fetch --dir DIR` and point TIKTOKEN_CACHE_DIR at DIR."
+            ) from None
+    return loaded
+
+
+def fetch_encodings(directory: str, names: Iterable[str] = ENCODINGS) -> list[str]:
+    """Download encodings into `directory` in tiktoken's cache format (for offline images)."""
+    os.makedirs(directory, exist_ok=True)
+    os.environ["TIKTOKEN_CACHE_DIR"] = directory
+    for name in names:
+        tiktoken.get_encoding(name)
+    return sorted(os.listdir(directory))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEncoding:
+    encoding: tiktoken.Encoding
+    exact: bool  # the model's own tokenizer; False: another model family, an estimate only
+
+
+class Tokenizers:
+    """Which encoding counts a model's tokens."""
+
+    def __init__(
+        self,
+        encodings: Mapping[str, tiktoken.Encoding],
+        default: str,
+        overrides: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        self._encodings = encodings
+        self._rules = (*tuple(overrides), *DEFAULT_MODEL_ENCODINGS)
+        self.default = ModelEncoding(encodings[default], exact=False)
+        self._override_globs = {glob for glob, _ in overrides}
+        self._cache: dict[str, ModelEncoding] = {}
+
+    @classmethod
+    def load(
+        cls, default: str = "o200k_base", overrides: Iterable[tuple[str, str]] = ()
+    ) -> Tokenizers:
+        overrides = tuple(overrides)
+        needed = {
+            default,
+            *(name for _, name in overrides),
+            *(n for _, n in DEFAULT_MODEL_ENCODINGS),
+        }
+        return cls(load_encodings(needed), default, overrides)
+
+    def for_model(self, model: str | None) -> ModelEncoding:
+        if not model:
+            return self.default
+        found = self._cache.get(model)
+        if found is None:
+            found = self._lookup(model)
+            if len(self._cache) < 4096:  # model names come from clients: keep the cache bounded
+                self._cache[model] = found
+        return found
+
+    def _lookup(self, model: str) -> ModelEncoding:
+        name = model.rsplit("/", 1)[-1].lower()
+        for glob, encoding in self._rules:
+            if fnmatch.fnmatchcase(name, glob.lower()):
+                # An override is the operator's statement that this is the model's tokenizer.
+                return ModelEncoding(self._encodings[encoding], exact=True)
+        return self.default
+
+
+# Text is split into pieces only when this much is waiting: a stream's deltas are a few
+# characters each, and one regex pass per few hundred characters keeps the cost per event tiny.
+_SPLIT_AFTER_CHARS = 256
+
+
+class TokenCounter:
+    """Counts the tokens of a text fed in pieces, exactly: `total()` equals
+    `len(encoding.encode_ordinary(all_text_fed))`."""
+
+    __slots__ = ("_committed", "_encoding", "_pattern", "_split_at", "_tail")
+
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
+        self._encoding = encoding
+        self._pattern = _split_pattern(encoding)
+        self._committed = 0
+        self._tail = ""
+        self._split_at = _SPLIT_AFTER_CHARS
+
+    def feed(self, text: str) -> None:
+        tail = self._tail + text
+        if len(tail) > self._split_at:
+            cut = self._safe_cut(tail)
+            if cut:
+                self._committed += len(self._encoding.encode_ordinary(tail[:cut]))
+                tail = tail[cut:]
+            # Nothing safe to cut (a long run of whitespace): look again only when the tail has
+            # doubled, so the work stays linear.
+            self._split_at = max(_SPLIT_AFTER_CHARS, 2 * len(tail))
+        self._tail = tail
+
+    def _safe_cut(self, tail: str) -> int:
+        """The start of a piece before the last two, where the text before it ends in
+        non-whitespace: the encodings' patterns treat whitespace at the end of a string
+        specially (`\\s++$`), so the committed text must not end in whitespace to be split there
+        exactly as within the whole text."""
+        starts = [m.start() for m in self._pattern.finditer(tail)]
+        for start in reversed(starts[1:-2]):
+            if not tail[start - 1].isspace():
+                return start
+        return 0
+
+    def total(self) -> int:
+        """The count so far (the tail is counted now, not committed)."""
+        if not self._tail:
+            return self._committed
+        return self._committed + len(self._encoding.encode_ordinary(self._tail))
+
+
+_patterns: dict[str, regex.Pattern[str]] = {}
+
+
+def _split_pattern(encoding: tiktoken.Encoding) -> regex.Pattern[str]:
+    pattern = _patterns.get(encoding.name)
+    if pattern is None:
+        # tiktoken's own pre-tokenizer regex for this encoding.
+        pattern = _patterns[encoding.name] = regex.compile(encoding._pat_str)
+    return pattern
+
+
+def count(encoding: tiktoken.Encoding, text: str) -> int:
+    return len(encoding.encode_ordinary(text)) if text else 0
