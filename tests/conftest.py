@@ -45,7 +45,8 @@ class Case:
 
     @property
     def path(self) -> str:
-        return str(self.meta["endpoint_path"])
+        # One case annotates its path ("/v1/chat/completions (implied by ...)").
+        return str(self.meta["endpoint_path"]).split()[0]
 
 
 def load_corpus() -> list[Case]:

@@ -21,6 +21,12 @@ import yaml
 
 AuthHeader = Literal["authorization", "x-api-key"]
 AUTH_HEADERS: tuple[AuthHeader, ...] = ("authorization", "x-api-key")
+OnDisconnect = Literal["cancel", "drain"]
+DIALECT_CHOICES = (
+    "auto", "openai_chat", "openai_completions", "openai_responses", "anthropic_messages",
+    "ollama_chat", "ollama_generate", "none",
+)  # fmt: skip
+ENCODING_CHOICES = ("o200k_base", "cl100k_base", "p50k_base")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -68,6 +74,19 @@ class Upstream:
 class Route:
     path_prefix: str
     upstream: str
+    dialect: str = "auto"  # "auto": from the request path (dialects.detect_dialect)
+
+
+@dataclass(frozen=True, slots=True)
+class Metering:
+    estimate: bool = True
+    request_usage: bool = True
+    on_client_disconnect: OnDisconnect = "cancel"
+    drain_timeout: float = 30.0
+    max_event_bytes: int = 1024 * 1024
+    default_encoding: str = "o200k_base"
+    encodings: tuple[tuple[str, str], ...] = ()  # (model glob, encoding), before the built-ins
+    image_tokens_default: int = 765
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +135,8 @@ class Config:
     pool: Pool = Pool()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    metering: Metering = Metering()
+    access_log: str = "stdout"  # stdout, stderr, off, or a file path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +326,23 @@ def _auth_header(value: object) -> AuthHeader:
     raise ValueError(f"expected one of {', '.join(AUTH_HEADERS)}, got {value!r}")
 
 
+def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        text = _string(value)
+        if text not in choices:
+            hint = difflib.get_close_matches(text, choices, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}{suggestion}")
+        return text
+
+    return convert
+
+
+def _on_disconnect(value: object) -> OnDisconnect:
+    text = _choice(("cancel", "drain"))(value)
+    return "drain" if text == "drain" else "cancel"
+
+
 def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(str(value), strict=False)
@@ -363,7 +401,7 @@ def _read_routes(r: _Reader, raw: object, upstreams: Mapping[str, Upstream]) -> 
     routes = []
     for i, spec in enumerate(raw):
         path = f"routes[{i}]"
-        m = r.mapping(spec, path, ["path_prefix", "upstream"])
+        m = r.mapping(spec, path, ["path_prefix", "upstream", "dialect"])
         for key in ("path_prefix", "upstream"):
             if key not in m:
                 r.problems.append(f"{path}.{key}: required")
@@ -371,14 +409,52 @@ def _read_routes(r: _Reader, raw: object, upstreams: Mapping[str, Upstream]) -> 
         if upstream and upstream not in upstreams and upstreams:
             known = ", ".join(upstreams)
             r.problems.append(f"{path}.upstream: unknown upstream '{upstream}' (known: {known})")
-        routes.append(Route(r.value(m, "path_prefix", path, _path_prefix, "/"), upstream))
+        routes.append(
+            Route(
+                r.value(m, "path_prefix", path, _path_prefix, "/"),
+                upstream,
+                r.value(m, "dialect", path, _choice(DIALECT_CHOICES), "auto"),
+            )
+        )
     return tuple(routes)
 
 
 _TOP_KEYS = [
     "listen", "admin", "upstreams", "routes", "compression", "limits", "pool", "trusted_proxies",
-    "shutdown_grace",
+    "shutdown_grace", "metering", "access_log",
 ]  # fmt: skip
+
+
+def _read_metering(r: _Reader, raw: object) -> Metering:
+    path = "metering"
+    m = r.mapping(raw, path, [f.name for f in fields(Metering)])
+    d = Metering()
+    encodings = []
+    raw_encodings = m.get("encodings") or {}
+    if not isinstance(raw_encodings, dict):
+        r.problems.append(f"{path}.encodings: expected a mapping of model globs to encodings")
+        raw_encodings = {}
+    for glob, name in raw_encodings.items():
+        try:
+            encodings.append((str(glob), _choice(ENCODING_CHOICES)(name)))
+        except ValueError as error:
+            r.problems.append(f"{path}.encodings.{glob}: {error}")
+    return Metering(
+        estimate=r.value(m, "estimate", path, _bool, d.estimate),
+        request_usage=r.value(m, "request_usage", path, _bool, d.request_usage),
+        on_client_disconnect=r.value(
+            m, "on_client_disconnect", path, _on_disconnect, d.on_client_disconnect
+        ),
+        drain_timeout=r.value(m, "drain_timeout", path, parse_duration, d.drain_timeout),
+        max_event_bytes=r.value(m, "max_event_bytes", path, parse_size, d.max_event_bytes),
+        default_encoding=r.value(
+            m, "default_encoding", path, _choice(ENCODING_CHOICES), d.default_encoding
+        ),
+        encodings=tuple(encodings),
+        image_tokens_default=r.value(
+            m, "image_tokens_default", path, _int_in(0, 1_000_000), d.image_tokens_default
+        ),
+    )
 
 
 def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
@@ -442,6 +518,8 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
         ),
         trusted_proxies=tuple(trusted),
         shutdown_grace=r.value(top, "shutdown_grace", "", parse_duration, DEFAULT_SHUTDOWN_GRACE),
+        metering=_read_metering(r, top.get("metering")),
+        access_log=r.value(top, "access_log", "", _string, "stdout"),
     )
     if config.listen == config.admin.listen and config.listen.port != 0:
         r.problems.append(f"admin.listen: must differ from listen ({config.listen})")
@@ -476,6 +554,8 @@ def _plain(value: object, key: str = "") -> object:
         }
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
+    if key == "encodings" and isinstance(value, tuple):
+        return dict(value)
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if key == "api_key" and value:

@@ -21,7 +21,13 @@ DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
 
 class EventTooLarge(Exception):
-    """A single event grew past the bound: the stream is not ours to judge, metering stops."""
+    """A single event grew past the bound: the stream is not ours to judge, metering stops.
+
+    `events` holds the complete events of the same feed, so none of their bytes is lost."""
+
+    def __init__(self, message: str, events: list[SseEvent] | list[NdjsonLine]) -> None:
+        super().__init__(message)
+        self.events = events
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +114,7 @@ class SseFramer:
             del buf[:event_start]
         self._line_start = line_start - event_start
         if len(buf) > self._max:
-            raise EventTooLarge(f"an SSE event exceeds {self._max} bytes")
+            raise EventTooLarge(f"an SSE event exceeds {self._max} bytes", events)
         return events
 
     def close(self) -> list[SseEvent]:
@@ -167,7 +173,7 @@ class NdjsonFramer:
             start = end + 1
         self._buf = buf[start:]
         if len(self._buf) > self._max:
-            raise EventTooLarge(f"an NDJSON line exceeds {self._max} bytes")
+            raise EventTooLarge(f"an NDJSON line exceeds {self._max} bytes", lines)
         return lines
 
     def close(self) -> list[NdjsonLine]:

@@ -1,0 +1,94 @@
+"""How close tallygate's token estimates come to what providers report, on the recorded corpus.
+
+    python bench/accuracy.py [--corpus ../shared/corpus] [--markdown]
+
+For every corpus case with reported usage, the request goes through the prompt estimator and the
+response body through the metering core exactly as the proxy feeds it (in network-sized pieces);
+the estimate is compared with the usage the stream itself reports. Output estimates count the
+visible text (content, refusal, reasoning text, tool-call names and arguments) with the model's
+tiktoken encoding; hidden reasoning (OpenAI o-series, gpt-5) cannot be counted by anyone but the
+provider.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from tallygate.dialects import detect_dialect
+from tallygate.metering import MeteringSettings, ResponseMeter, read_request
+from tallygate.tokens import Tokenizers
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+def error(estimate: int | None, reported: int) -> float | None:
+    if estimate is None or not reported:
+        return None
+    return (estimate - reported) / reported
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}%"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    args = parser.parse_args()
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(args.corpus.parent / "tiktoken-cache"))
+    tokenizers = Tokenizers.load()
+    settings = MeteringSettings(request_usage=False)
+
+    rows = []
+    families: dict[str, list[tuple[float | None, float | None, bool]]] = defaultdict(list)
+    for folder in sorted(p for p in args.corpus.iterdir() if p.is_dir()):
+        meta = json.loads((folder / "meta.json").read_text())
+        if not meta["usage"]:
+            continue
+        errors: dict[str, int] = {}
+        path = meta["endpoint_path"].split()[0]
+        dialect = detect_dialect(path)
+        request = folder / "request.json"
+        facts = read_request(dialect, request.read_bytes() if request.exists() else b"", tokenizers, settings, errors)
+        meter = ResponseMeter(dialect, meta["content_type"], tokenizers, settings, facts.model, errors)
+        body = (folder / "response.body").read_bytes()
+        for i in range(0, len(body), 1460):  # one TCP segment at a time
+            meter.feed(body[i : i + 1460])
+        meter.close()
+        response = meter.facts()
+        assert response.usage is not None, folder.name
+        text_only = not any(f in meta["features"] for f in ("tool_calls", "reasoning"))
+        exact = tokenizers.for_model(response.model or facts.model).exact
+        in_err = error(facts.estimated_input, response.usage.input)
+        out_err = error(response.estimated_output, response.usage.output)
+        family = meta["provider"] if not meta["provider"].startswith("openai") else f"openai {meta['endpoint']}"
+        families[family].append((in_err, out_err, text_only and exact))
+        rows.append(
+            f"| {folder.name} | {response.model} | {facts.estimated_input} | {response.usage.input} | "
+            f"{pct(in_err)} | {response.estimated_output} | {response.usage.output} | {pct(out_err)} | "
+            f"{'yes' if text_only else 'no'} | {'yes' if exact else 'no'} |"
+        )
+
+    print("| case | model | input est. | input rep. | input err. | output est. | output rep. | output err. | text only | own tokenizer |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print()
+    print("| provider family | cases | median abs. input error | median abs. output error | output error, text-only cases with the model's own tokenizer (max abs.) |")
+    print("|---|---|---|---|---|")
+    for family, values in sorted(families.items()):
+        ins = sorted(abs(v[0]) for v in values if v[0] is not None)
+        outs = sorted(abs(v[1]) for v in values if v[1] is not None)
+        exact = [abs(v[1]) for v in values if v[2] and v[1] is not None]
+        print(
+            f"| {family} | {len(values)} | {pct(ins[len(ins) // 2]) if ins else 'n/a'} | "
+            f"{pct(outs[len(outs) // 2]) if outs else 'n/a'} | "
+            f"{pct(max(exact)) + f' ({len(exact)} cases)' if exact else 'none'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

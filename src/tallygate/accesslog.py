@@ -1,0 +1,85 @@
+"""The access log: one JSON line per request, written by a thread so that a slow or failing disk
+never blocks the event loop. A failing sink is counted and reported; the relay goes on."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+from typing import Any, BinaryIO
+
+import orjson
+
+log = logging.getLogger("tallygate.accesslog")
+
+_STOP = b""
+
+
+class AccessLog:
+    """`target`: `stdout`, `stderr`, `off`, or a file path (appended to, created if missing)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.written = 0
+        self.failures = 0
+        self._queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if target != "off":
+            self._thread = threading.Thread(
+                target=self._run, name="tallygate-accesslog", daemon=True
+            )
+            self._thread.start()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(orjson.dumps(record) + b"\n")
+
+    def close(self) -> None:
+        """Write out what is queued, then stop (at shutdown)."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _open(self) -> BinaryIO:
+        if self.target == "stdout":
+            return sys.stdout.buffer
+        if self.target == "stderr":
+            return sys.stderr.buffer
+        # Held open for the life of the writer thread.
+        return open(self.target, "ab")
+
+    def _run(self) -> None:
+        sink: BinaryIO | None = None
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            while True:  # take what else is waiting, to write it in one go
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if _STOP in batch:
+                stopping = True
+                batch = [line for line in batch if line != _STOP]
+            if not batch:
+                continue
+            try:
+                if sink is None:
+                    sink = self._open()
+                # One write per line: with O_APPEND each line lands whole, even when several
+                # processes share the file.
+                for line in batch:
+                    sink.write(line)
+                sink.flush()
+                self.written += len(batch)
+            except (OSError, ValueError) as error:
+                self.failures += len(batch)
+                if self.failures == len(batch) or self.failures % 1000 < len(batch):
+                    log.error("access log %s failed (%d records lost so far): %s",
+                              self.target, self.failures, error)  # fmt: skip
+                sink = None
+        if sink is not None and self.target not in ("stdout", "stderr"):
+            sink.close()

@@ -1,0 +1,407 @@
+"""What each API dialect's responses say: model, output text, reported usage, finish reason, errors.
+
+One extractor per dialect, fed one event's data at a time (or a whole JSON body). Output text is
+handed to a callback by channel (`content:0`, `reasoning:0`, `tool:0:1`, ...) so it can be
+counted as it passes. Pure: no I/O; a malformed event raises, and the caller decides.
+
+Usage is normalized (the OpenTelemetry GenAI convention): `input` counts every input token,
+cached and cache-written ones included; `output` counts every output token, reasoning included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+Dialect = Literal[
+    "openai_chat",
+    "openai_completions",
+    "openai_responses",
+    "anthropic_messages",
+    "ollama_chat",
+    "ollama_generate",
+    "none",
+]
+DIALECTS: tuple[Dialect, ...] = (
+    "openai_chat", "openai_completions", "openai_responses", "anthropic_messages",
+    "ollama_chat", "ollama_generate", "none",
+)  # fmt: skip
+
+# Path endings, most specific first; endings rather than whole paths so that base paths
+# (`/openai/deployments/x/chat/completions`, `/api/v1/chat/completions`) are recognized too.
+_PATH_DIALECTS: tuple[tuple[str, Dialect], ...] = (
+    ("/chat/completions", "openai_chat"),
+    ("/completions", "openai_completions"),
+    ("/responses", "openai_responses"),
+    ("/messages", "anthropic_messages"),
+    ("/api/chat", "ollama_chat"),
+    ("/api/generate", "ollama_generate"),
+)
+
+
+def detect_dialect(path: str) -> Dialect:
+    path = path.rstrip("/")
+    for ending, dialect in _PATH_DIALECTS:
+        if path.endswith(ending):
+            return dialect
+    return "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input: int = 0
+    output: int = 0
+    cached_input: int = 0
+    cache_write_input: int = 0
+    reasoning: int = 0
+
+
+TextSink = Callable[[str, str], None]
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _error_message(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("type") or error)[:500]
+    return str(error)[:500]
+
+
+class Extractor:
+    """The common state; subclasses read their dialect's events."""
+
+    def __init__(self, on_text: TextSink) -> None:
+        self.on_text = on_text
+        self.model: str | None = None
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+        self.errors: list[str] = []
+
+    def event(self, data: bytes, name: str | None) -> bool:
+        """One stream event's data. Returns True when the event carries usage and nothing else
+        (the chunk tallygate asked for with `stream_options.include_usage`)."""
+        return False
+
+    def body(self, data: bytes) -> None:
+        """A whole non-streaming JSON response."""
+
+    def _model(self, value: object) -> None:
+        if isinstance(value, str) and value:
+            self.model = value
+
+    def _text(self, channel: str, value: object) -> None:
+        if isinstance(value, str) and value:
+            self.on_text(channel, value)
+
+
+class OpenAIChat(Extractor):
+    def event(self, data: bytes, name: str | None) -> bool:
+        if data == b"[DONE]":
+            return False
+        chunk = orjson.loads(data)
+        if not isinstance(chunk, dict):
+            return False
+        self._model(chunk.get("model"))
+        if "error" in chunk:
+            self.errors.append(_error_message(chunk["error"]))
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                choice = _dict(choice)
+                self._message(_dict(choice.get("delta")), _int(choice.get("index")))
+                self._finish(choice)
+        usage = chunk.get("usage")
+        if not isinstance(usage, dict):  # Groq puts it under x_groq
+            usage = _dict(chunk.get("x_groq")).get("usage")
+        if isinstance(usage, dict):
+            # Some providers send running totals on every chunk: the last one is the truth.
+            self.usage = openai_usage(usage)
+            return choices == [] and set(chunk) <= _USAGE_CHUNK_KEYS
+        return False
+
+    def body(self, data: bytes) -> None:
+        response = _dict(orjson.loads(data))
+        self._model(response.get("model"))
+        if "error" in response:
+            self.errors.append(_error_message(response["error"]))
+        for choice in response.get("choices") or ():
+            choice = _dict(choice)
+            self._message(_dict(choice.get("message")), _int(choice.get("index")))
+            self._finish(choice)
+        if isinstance(response.get("usage"), dict):
+            self.usage = openai_usage(response["usage"])
+
+    def _message(self, message: dict[str, Any], index: int) -> None:
+        self._text(f"content:{index}", message.get("content"))
+        self._text(f"refusal:{index}", message.get("refusal"))
+        # DeepSeek: reasoning_content; OpenRouter and others: reasoning.
+        self._text(f"reasoning:{index}", message.get("reasoning_content"))
+        self._text(f"reasoning:{index}", message.get("reasoning"))
+        for call in message.get("tool_calls") or ():
+            call = _dict(call)
+            function = _dict(call.get("function"))
+            channel = f"tool:{index}:{_int(call.get('index'))}"
+            self._text(channel, function.get("name"))
+            self._text(channel, function.get("arguments"))
+        function_call = _dict(message.get("function_call"))  # the legacy functions API
+        self._text(f"tool:{index}:f", function_call.get("name"))
+        self._text(f"tool:{index}:f", function_call.get("arguments"))
+
+    def _finish(self, choice: dict[str, Any]) -> None:
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str):
+            self.finish_reason = reason
+
+
+# The keys of the usage-only chunk OpenAI sends last when include_usage is set.
+_USAGE_CHUNK_KEYS = frozenset(
+    {"id", "object", "created", "model", "system_fingerprint", "service_tier", "choices", "usage",
+     "obfuscation", "provider"}
+)  # fmt: skip
+
+
+def openai_usage(usage: dict[str, Any]) -> Usage:
+    prompt = _dict(usage.get("prompt_tokens_details"))
+    completion = _dict(usage.get("completion_tokens_details"))
+    cached = (
+        _int(prompt.get("cached_tokens"))
+        or _int(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
+        or _int(usage.get("cached_tokens"))
+    )
+    return Usage(
+        input=_int(usage.get("prompt_tokens")),
+        output=_int(usage.get("completion_tokens")),
+        cached_input=cached,
+        reasoning=_int(completion.get("reasoning_tokens")),
+    )
+
+
+class OpenAICompletions(OpenAIChat):
+    def event(self, data: bytes, name: str | None) -> bool:
+        if data == b"[DONE]":
+            return False
+        chunk = _dict(orjson.loads(data))
+        self._legacy(chunk)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = openai_usage(usage)
+            return chunk.get("choices") == [] and set(chunk) <= _USAGE_CHUNK_KEYS
+        return False
+
+    def body(self, data: bytes) -> None:
+        response = _dict(orjson.loads(data))
+        self._legacy(response)
+        if isinstance(response.get("usage"), dict):
+            self.usage = openai_usage(response["usage"])
+
+    def _legacy(self, chunk: dict[str, Any]) -> None:
+        self._model(chunk.get("model"))
+        if "error" in chunk:
+            self.errors.append(_error_message(chunk["error"]))
+        for choice in chunk.get("choices") or ():
+            choice = _dict(choice)
+            self._text(f"content:{_int(choice.get('index'))}", choice.get("text"))
+            self._finish(choice)
+
+
+# Responses API events whose data we need; the others (`.done` events repeat the deltas,
+# `content_part.added`, ...) are not parsed at all.
+_RESPONSES_TEXT = {
+    "response.output_text.delta": "content",
+    "response.refusal.delta": "refusal",
+    "response.reasoning_text.delta": "reasoning",
+    "response.reasoning_summary_text.delta": "reasoning",
+    "response.function_call_arguments.delta": "tool",
+    "response.custom_tool_call_input.delta": "tool",
+    "response.code_interpreter_call_code.delta": "tool",
+    "response.mcp_call_arguments.delta": "tool",
+}
+_RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSES_STATE = _RESPONSES_FINAL | {"response.created", "response.in_progress", "error"}
+
+
+class OpenAIResponses(Extractor):
+    def event(self, data: bytes, name: str | None) -> bool:
+        if name is not None and name not in _RESPONSES_TEXT and name not in _RESPONSES_STATE:
+            return False
+        message = _dict(orjson.loads(data))
+        kind = message.get("type") or name
+        channel = _RESPONSES_TEXT.get(str(kind))
+        if channel is not None:
+            self._text(f"{channel}:{_int(message.get('output_index'))}", message.get("delta"))
+        elif kind == "error":
+            self.errors.append(_error_message(message.get("error") or message))
+        elif kind in _RESPONSES_STATE:
+            self._response(_dict(message.get("response")), final=kind in _RESPONSES_FINAL)
+        return False
+
+    def body(self, data: bytes) -> None:
+        response = _dict(orjson.loads(data))
+        for index, item in enumerate(response.get("output") or ()):
+            item = _dict(item)
+            kind = item.get("type")
+            if kind == "message":
+                for part in item.get("content") or ():
+                    part = _dict(part)
+                    self._text(f"content:{index}", part.get("text"))
+                    self._text(f"refusal:{index}", part.get("refusal"))
+            elif kind == "reasoning":
+                for part in (*(item.get("summary") or ()), *(item.get("content") or ())):
+                    self._text(f"reasoning:{index}", _dict(part).get("text"))
+            elif kind in ("function_call", "custom_tool_call", "mcp_call"):
+                self._text(f"tool:{index}", item.get("arguments") or item.get("input"))
+        self._response(response, final=True)
+
+    def _response(self, response: dict[str, Any], final: bool) -> None:
+        self._model(response.get("model"))
+        if response.get("error"):
+            self.errors.append(_error_message(response["error"]))
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            details_in = _dict(usage.get("input_tokens_details"))
+            details_out = _dict(usage.get("output_tokens_details"))
+            self.usage = Usage(
+                input=_int(usage.get("input_tokens")),
+                output=_int(usage.get("output_tokens")),
+                cached_input=_int(details_in.get("cached_tokens")),
+                reasoning=_int(details_out.get("reasoning_tokens")),
+            )
+        if final and isinstance(response.get("status"), str):
+            reason = _dict(response.get("incomplete_details")).get("reason")
+            self.finish_reason = reason if isinstance(reason, str) else response["status"]
+
+
+class AnthropicMessages(Extractor):
+    """message_start carries the input usage (and a placeholder output count); each
+    message_delta carries cumulative usage, sometimes with a larger input (server tools)."""
+
+    def __init__(self, on_text: TextSink) -> None:
+        super().__init__(on_text)
+        self._raw: dict[str, int] = {}
+        self._blocks: dict[int, str] = {}
+
+    def event(self, data: bytes, name: str | None) -> bool:
+        if name == "ping":
+            return False
+        message = _dict(orjson.loads(data))
+        kind = message.get("type")
+        if kind == "content_block_delta":
+            delta = _dict(message.get("delta"))
+            index = _int(message.get("index"))
+            delta_type = delta.get("type")
+            if delta_type == "text_delta":
+                self._text(f"content:{index}", delta.get("text"))
+            elif delta_type == "thinking_delta":
+                self._text(f"reasoning:{index}", delta.get("thinking"))
+            elif delta_type == "input_json_delta":
+                self._text(f"tool:{index}", delta.get("partial_json"))
+        elif kind == "content_block_start":
+            block = _dict(message.get("content_block"))
+            index = _int(message.get("index"))
+            if block.get("type") == "text":
+                self._text(f"content:{index}", block.get("text"))
+            elif block.get("type") in ("tool_use", "server_tool_use"):
+                self._text(f"tool:{index}", block.get("name"))
+        elif kind == "message_start":
+            start = _dict(message.get("message"))
+            self._model(start.get("model"))
+            self._usage(_dict(start.get("usage")))
+        elif kind == "message_delta":
+            reason = _dict(message.get("delta")).get("stop_reason")
+            if isinstance(reason, str):
+                self.finish_reason = reason
+            self._usage(_dict(message.get("usage")))
+        elif kind == "error":
+            self.errors.append(_error_message(message.get("error")))
+        return False
+
+    def body(self, data: bytes) -> None:
+        message = _dict(orjson.loads(data))
+        if message.get("type") == "error":
+            self.errors.append(_error_message(message.get("error")))
+        self._model(message.get("model"))
+        for index, block in enumerate(message.get("content") or ()):
+            block = _dict(block)
+            kind = block.get("type")
+            if kind == "text":
+                self._text(f"content:{index}", block.get("text"))
+            elif kind == "thinking":
+                self._text(f"reasoning:{index}", block.get("thinking"))
+            elif kind in ("tool_use", "server_tool_use"):
+                self._text(f"tool:{index}", block.get("name"))
+                self._text(f"tool:{index}", orjson.dumps(block.get("input")).decode())
+        if isinstance(message.get("stop_reason"), str):
+            self.finish_reason = message["stop_reason"]
+        self._usage(_dict(message.get("usage")))
+
+    def _usage(self, usage: dict[str, Any]) -> None:
+        for key in ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                    "cache_read_input_tokens"):  # fmt: skip
+            if isinstance(usage.get(key), int):
+                self._raw[key] = usage[key]
+        if not self._raw:
+            return
+        written = self._raw.get("cache_creation_input_tokens", 0)
+        read = self._raw.get("cache_read_input_tokens", 0)
+        self.usage = Usage(
+            # Anthropic's input_tokens leaves out cache reads and writes; ours includes them.
+            input=self._raw.get("input_tokens", 0) + written + read,
+            output=self._raw.get("output_tokens", 0),
+            cached_input=read,
+            cache_write_input=written,
+        )
+
+
+class Ollama(Extractor):
+    """/api/chat and /api/generate: one JSON object per line, the last with `done: true`."""
+
+    def event(self, data: bytes, name: str | None) -> bool:
+        if data.strip():
+            self._object(_dict(orjson.loads(data)))
+        return False
+
+    def body(self, data: bytes) -> None:
+        self._object(_dict(orjson.loads(data)))
+
+    def _object(self, message: dict[str, Any]) -> None:
+        if "error" in message:
+            self.errors.append(_error_message(message["error"]))
+        self._model(message.get("model"))
+        self._text("content:0", message.get("response"))
+        self._text("reasoning:0", message.get("thinking"))
+        chat = _dict(message.get("message"))
+        self._text("content:0", chat.get("content"))
+        self._text("reasoning:0", chat.get("thinking"))
+        for i, call in enumerate(chat.get("tool_calls") or ()):
+            function = _dict(_dict(call).get("function"))
+            self._text(f"tool:{i}", function.get("name"))
+            self._text(f"tool:{i}", orjson.dumps(function.get("arguments")).decode())
+        if message.get("done") is True:
+            if isinstance(message.get("done_reason"), str):
+                self.finish_reason = message["done_reason"]
+            if "prompt_eval_count" in message or "eval_count" in message:
+                self.usage = Usage(
+                    input=_int(message.get("prompt_eval_count")),
+                    output=_int(message.get("eval_count")),
+                )
+
+
+def extractor_for(dialect: Dialect, on_text: TextSink) -> Extractor:
+    kinds: dict[Dialect, type[Extractor]] = {
+        "openai_chat": OpenAIChat,
+        "openai_completions": OpenAICompletions,
+        "openai_responses": OpenAIResponses,
+        "anthropic_messages": AnthropicMessages,
+        "ollama_chat": Ollama,
+        "ollama_generate": Ollama,
+    }
+    return kinds.get(dialect, Extractor)(on_text)

@@ -1,0 +1,237 @@
+"""Metering of one exchange: the request's facts, then the response fed chunk by chunk.
+
+Pure: fed bytes, it returns values; it never touches a socket or a clock. It fails open: an
+exception inside it is caught here, counted by stage in `errors`, and metering of that exchange
+stops (framing) or skips the event (a malformed event), while the stream goes on untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .compression import media_type
+from .dialects import Dialect, Extractor, Usage, extractor_for
+from .framing import (
+    DEFAULT_MAX_EVENT_BYTES,
+    EventTooLarge,
+    NdjsonFramer,
+    NdjsonLine,
+    SseEvent,
+    SseFramer,
+)
+from .prompt import PromptEstimator
+from .tokens import TokenCounter, Tokenizers
+
+log = logging.getLogger("tallygate.metering")
+
+# Dialects whose streaming requests can ask for usage with stream_options.include_usage.
+_USAGE_OPTION_DIALECTS = frozenset({"openai_chat", "openai_completions"})
+
+
+@dataclass(frozen=True, slots=True)
+class MeteringSettings:
+    estimate: bool = True
+    request_usage: bool = True
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    image_tokens_default: int = 765
+
+
+@dataclass(slots=True)
+class RequestFacts:
+    """What the request body says, and the body to send upstream (rewritten at most once)."""
+
+    body: bytes
+    model: str | None = None
+    stream: bool | None = None
+    usage_requested: bool = False  # tallygate added include_usage: strip the usage-only chunk
+    estimated_input: int | None = None
+    estimate_exact: bool = False
+
+
+def read_request(
+    dialect: Dialect,
+    body: bytes,
+    tokenizers: Tokenizers | None,
+    settings: MeteringSettings,
+    errors: dict[str, int],
+) -> RequestFacts:
+    facts = RequestFacts(body)
+    if dialect == "none" or not body:
+        return facts
+    try:
+        request: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        errors["request"] = errors.get("request", 0) + 1  # forwarded all the same
+        return facts
+    if not isinstance(request, dict):
+        return facts
+    model = request.get("model")
+    facts.model = model if isinstance(model, str) else None
+    stream = request.get("stream")
+    # Ollama streams unless told not to; the others only when asked.
+    facts.stream = stream is not False if dialect.startswith("ollama") else stream is True
+    if settings.estimate and tokenizers is not None:
+        try:
+            chosen = tokenizers.for_model(facts.model)
+            estimator = PromptEstimator(chosen.encoding, settings.image_tokens_default)
+            facts.estimated_input = estimator.estimate(dialect, request, facts.model)
+            facts.estimate_exact = chosen.exact
+        except Exception:
+            errors["prompt"] = errors.get("prompt", 0) + 1
+            log.exception("prompt estimate failed")
+    if settings.request_usage and facts.stream and dialect in _USAGE_OPTION_DIALECTS:
+        options = request.get("stream_options")
+        if options is None or (isinstance(options, dict) and "include_usage" not in options):
+            request["stream_options"] = {**(options or {}), "include_usage": True}
+            facts.body = orjson.dumps(request)
+            facts.usage_requested = True
+    return facts
+
+
+@dataclass(slots=True)
+class ResponseFacts:
+    model: str | None = None
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    upstream_errors: list[str] = field(default_factory=list)
+    estimated_output: int | None = None
+    output_text_seen: bool = False
+
+
+class ResponseMeter:
+    """Fed the response body (plain bytes) as it passes.
+
+    With `strip_usage_chunk`, `feed()` returns the bytes the client is to receive: whole events
+    as they complete, without the usage-only chunk tallygate asked for. Otherwise it returns None
+    and the caller relays the chunk itself, untouched.
+    """
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        content_type: str | None,
+        tokenizers: Tokenizers | None,
+        settings: MeteringSettings,
+        requested_model: str | None,
+        errors: dict[str, int],
+        strip_usage_chunk: bool = False,
+    ) -> None:
+        kind = media_type(content_type)
+        self._framer: SseFramer | NdjsonFramer | None = None
+        if kind == "text/event-stream":
+            self._framer = SseFramer(settings.max_event_bytes)
+        elif kind in ("application/x-ndjson", "application/jsonl"):
+            self._framer = NdjsonFramer(settings.max_event_bytes)
+        self.is_stream = self._framer is not None
+        self._json_body = kind == "application/json" or kind.endswith("+json")
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._max = settings.max_event_bytes
+        self._strip = strip_usage_chunk and isinstance(self._framer, SseFramer)
+        self._errors = errors
+        self._active = dialect != "none" and (self.is_stream or self._json_body)
+        self._tokenizers = tokenizers if settings.estimate else None
+        self._requested_model = requested_model
+        self._counters: dict[str, TokenCounter] = {}
+        self._dialect = dialect
+        self._extractor: Extractor = extractor_for(dialect, self._on_text)
+        self.text_seen = False
+
+    @property
+    def strips(self) -> bool:
+        return self._strip
+
+    def _on_text(self, channel: str, text: str) -> None:
+        self.text_seen = True
+        if self._tokenizers is None:
+            return
+        counter = self._counters.get(channel)
+        if counter is None:
+            model = self._extractor.model or self._requested_model
+            encoding = self._tokenizers.for_model(model).encoding
+            counter = self._counters[channel] = TokenCounter(encoding)
+        counter.feed(text)
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        if not self._active:
+            return chunk if self._strip else None
+        if self._framer is None:
+            self._collect(chunk)
+            return None
+        try:
+            events = self._framer.feed(chunk)
+        except EventTooLarge as error:
+            return self._give_up("framing", error)
+        kept = [event.raw for event in events if not self._event(event)]
+        return b"".join(kept) if self._strip else None
+
+    def close(self) -> bytes:
+        """The end of the body: what the client still has to receive (when stripping)."""
+        if not self._active:
+            return b""
+        if self._framer is None:
+            if self._body:
+                self._guard("dialect", self._extractor.body, b"".join(self._body))
+            return b""
+        kept = [event.raw for event in self._framer.close() if not self._event(event)]
+        return b"".join(kept) if self._strip else b""
+
+    def _event(self, event: SseEvent | NdjsonLine) -> bool:
+        """Meter one event; True when it is the usage-only chunk to strip."""
+        if not event.data:  # a comment, or an empty data line: nothing to meter
+            return False
+        name = event.event if isinstance(event, SseEvent) else None
+        try:
+            return self._extractor.event(event.data, name) and self._strip
+        except Exception as error:  # a malformed event: count it, meter the rest
+            self._count_error("dialect", error)
+            return False
+
+    def _collect(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size > self._max:
+            self._give_up("framing", EventTooLarge(f"JSON body exceeds {self._max} bytes", []))
+            return
+        self._body.append(chunk)
+
+    def _give_up(self, stage: str, error: EventTooLarge) -> bytes | None:
+        """Stop metering this exchange; hand back every byte not yet relayed."""
+        self._count_error(stage, error)
+        self._active = False
+        self._body.clear()
+        if not self._strip:
+            return None
+        pending = self._framer.pending if self._framer is not None else b""
+        return b"".join(event.raw for event in error.events) + pending
+
+    def _guard(self, stage: str, call: Any, *args: Any) -> None:
+        try:
+            call(*args)
+        except Exception as error:
+            self._count_error(stage, error)
+
+    def _count_error(self, stage: str, error: Exception) -> None:
+        self._errors[stage] = self._errors.get(stage, 0) + 1
+        if self._errors[stage] == 1:
+            log.warning("metering %s error: %s: %s", stage, type(error).__name__, error)
+
+    def output_estimate(self) -> int | None:
+        """Output tokens counted so far; None when not estimated (off, or not an LLM API)."""
+        if self._tokenizers is None or self._dialect == "none":
+            return None
+        return sum(counter.total() for counter in self._counters.values())
+
+    def facts(self) -> ResponseFacts:
+        extractor = self._extractor
+        return ResponseFacts(
+            model=extractor.model,
+            usage=extractor.usage,
+            finish_reason=extractor.finish_reason,
+            upstream_errors=list(extractor.errors),
+            estimated_output=self.output_estimate(),
+            output_text_seen=self.text_seen,
+        )

@@ -1,0 +1,135 @@
+"""The usage record: what one request cost, built from what the relay and the meter observed.
+
+Pure: the relay fills an `Exchange` as the request passes; `record()` turns it into the JSON
+object written to the access log (documented field by field in docs/usage-record.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .dialects import Usage
+from .metering import RequestFacts, ResponseFacts
+
+Outcome = Literal["ok", "client_disconnect", "upstream_error", "timeout", "rejected"]
+TokensSource = Literal["reported", "estimated", "mixed", "none"]
+
+
+def head_size(start_line: str, headers: Iterable[tuple[str, str]]) -> int:
+    """Bytes of an HTTP/1.1 head as aiohttp serializes it: start line, `Name: value` lines,
+    blank line."""
+    size = len(start_line.encode()) + 2 + 2
+    for name, value in headers:
+        size += len(name.encode()) + 2 + len(value.encode()) + 2
+    return size
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    method: str
+    path: str
+    started: float  # the event loop's clock
+    ts: float = field(default_factory=time.time)
+    route: str = ""
+    upstream: str = ""
+    dialect: str = "none"
+    status: int = 0
+    outcome: Outcome = "ok"
+    tenant: str = "anonymous"
+    encoding: str = "identity"
+    stream: bool = False
+    client_in: int = 0
+    client_out: int = 0
+    upstream_out: int = 0
+    upstream_in: int = 0
+    client_out_uncompressed: int = 0
+    first_byte_at: float | None = None
+    first_token_at: float | None = None
+    ended: float | None = None
+    request: RequestFacts | None = None
+    response: ResponseFacts | None = None
+    delivered_output_tokens: int | None = None
+    metering_errors: dict[str, int] = field(default_factory=dict)
+
+    def tokens(self) -> tuple[Usage, TokensSource]:
+        """Reported usage when the stream reported it whole; estimates where it did not."""
+        response, request = self.response, self.request
+        reported = response.usage if response else None
+        estimated_in = request.estimated_input if request else None
+        estimated_out = response.estimated_output if response else None
+        if reported is not None:
+            finished = self.outcome == "ok" or (response is not None and response.finish_reason)
+            if finished:
+                return reported, "reported"
+            # Cut short: the input was reported up front (Anthropic's message_start), the
+            # output count is still running; what passed is our best knowledge of it.
+            output = max(reported.output, estimated_out or 0)
+            return Usage(reported.input, output, reported.cached_input,
+                         reported.cache_write_input, reported.reasoning), "mixed"  # fmt: skip
+        if estimated_in is not None or estimated_out is not None:
+            return Usage(estimated_in or 0, estimated_out or 0), "estimated"
+        return Usage(), "none"
+
+    def record(self) -> dict[str, Any]:
+        request, response = self.request, self.response
+        usage, source = self.tokens()
+        ended = self.ended if self.ended is not None else self.started
+        model = (response.model if response else None) or (request.model if request else None)
+        return {
+            "ts": _iso(self.ts),
+            "request_id": self.request_id,
+            "route": self.route,
+            "upstream": self.upstream,
+            "dialect": self.dialect,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "outcome": self.outcome,
+            "stream": self.stream,
+            "model": model,
+            "tenant": self.tenant,
+            "tokens": {
+                "input": usage.input,
+                "output": usage.output,
+                "cached_input": usage.cached_input,
+                "cache_write_input": usage.cache_write_input,
+                "reasoning": usage.reasoning,
+            },
+            "tokens_source": source,
+            "estimated": {
+                "input": request.estimated_input if request else None,
+                "output": response.estimated_output if response else None,
+                "exact_tokenizer": bool(request and request.estimate_exact),
+            },
+            "delivered_output_tokens": self.delivered_output_tokens,
+            "usage_requested": bool(request and request.usage_requested),
+            "finish_reason": response.finish_reason if response else None,
+            "upstream_errors": response.upstream_errors if response else [],
+            "metering_errors": self.metering_errors,
+            "bytes": {
+                "client_in": self.client_in,
+                "client_out": self.client_out,
+                "upstream_out": self.upstream_out,
+                "upstream_in": self.upstream_in,
+            },
+            "client_out_uncompressed": self.client_out_uncompressed,
+            "encoding": self.encoding,
+            "timings": {
+                "ttfb_s": _since(self.started, self.first_byte_at),
+                "ttft_s": _since(self.started, self.first_token_at),
+                "duration_s": round(ended - self.started, 6),
+            },
+        }
+
+
+def _since(start: float, moment: float | None) -> float | None:
+    return None if moment is None else round(moment - start, 6)
+
+
+def _iso(ts: float) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    return f"{seconds}.{int(ts % 1 * 1000):03d}Z"
