@@ -122,6 +122,7 @@ def config_for(upstream_url: str, **overrides: Any) -> Config:
         "upstreams": {"main": {"url": upstream_url}},
         "routes": [{"path_prefix": "/", "upstream": "main"}],
         "shutdown_grace": "5s",
+        "access_log": "off",  # tests read records through `on_record`
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(doc.get(key), dict):
@@ -143,11 +144,20 @@ ProxyFactory = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
-async def make_proxy(upstream: FakeUpstream) -> AsyncIterator[ProxyFactory]:
+def records() -> list[dict[str, Any]]:
+    """The usage records of the proxies a test started, as written to the access log."""
+    return []
+
+
+@pytest.fixture
+async def make_proxy(
+    upstream: FakeUpstream, records: list[dict[str, Any]]
+) -> AsyncIterator[ProxyFactory]:
     started: list[Running] = []
 
     async def factory(upstream_url: str | None = None, **overrides: Any) -> Running:
-        running = await start(config_for(upstream_url or upstream.url, **overrides))
+        config = config_for(upstream_url or upstream.url, **overrides)
+        running = await start(config, on_record=lambda exchange: records.append(exchange.record()))
         started.append(running)
         return running
 

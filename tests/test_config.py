@@ -96,13 +96,13 @@ def test_every_problem_is_reported_with_its_key() -> None:
         "listen: nowhere\nadmin: {listen: '127.0.0.1:9464', lisen: x}\n"
         "compression: {level: 11, window_bits: 8}\nlimits: {max_request_bytes: lots}\n"
         "upstreams:\n  a: {url: 'https://x', timeouts: {idle: soon}}\n"
-        "routes:\n  - {upstream: a, path_prefix: /, dialect: openai}\n"
+        "routes:\n  - {upstream: a, path_prefix: /, dialekt: openai}\n"
     )
     assert sorted(problems(text)) == sorted(
         [
             "admin.lisen: unknown key (did you mean 'listen'?)",
             "upstreams.a.timeouts.idle: expected a duration like 250ms, 30s or 5m, got 'soon'",
-            "routes[0].dialect: unknown key",
+            "routes[0].dialekt: unknown key (did you mean 'dialect'?)",
             "listen: expected host:port, got 'nowhere'",
             "compression.level: must be from 1 to 9, got 11",
             "compression.window_bits: must be from 9 to 15, got 8",

@@ -6,9 +6,10 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import CASES, Case
 from tallygate.dialects import Usage, detect_dialect, extractor_for
 from tallygate.framing import NdjsonFramer, SseFramer
+
+from conftest import CASES, Case
 
 DIALECT_OF_ENDPOINT = {
     "chat.completions": "openai_chat",
@@ -26,21 +27,42 @@ def expected_usage(meta: dict) -> Usage | None:
     if usage is None:
         return None
     if "prompt_tokens" in usage:
-        return Usage(usage["prompt_tokens"], usage["completion_tokens"], usage.get("cached_tokens") or 0, 0, usage.get("reasoning_tokens") or 0)
+        return Usage(
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+            usage.get("cached_tokens") or 0,
+            0,
+            usage.get("reasoning_tokens") or 0,
+        )
     if "cache_creation_input_tokens" in usage:
-        written, read = usage["cache_creation_input_tokens"] or 0, usage["cache_read_input_tokens"] or 0
-        return Usage(usage["input_tokens"] + written + read, usage["output_tokens"], read, written, 0)
+        written, read = (
+            usage["cache_creation_input_tokens"] or 0,
+            usage["cache_read_input_tokens"] or 0,
+        )
+        return Usage(
+            usage["input_tokens"] + written + read, usage["output_tokens"], read, written, 0
+        )
     if "input_tokens" in usage:
-        return Usage(usage["input_tokens"], usage["output_tokens"], usage.get("cached_tokens") or 0, 0, usage.get("reasoning_tokens") or 0)
+        return Usage(
+            usage["input_tokens"],
+            usage["output_tokens"],
+            usage.get("cached_tokens") or 0,
+            0,
+            usage.get("reasoning_tokens") or 0,
+        )
     return Usage(usage["prompt_eval_count"], usage["eval_count"])
 
 
 def extract(case: Case):
     texts: dict[str, list[str]] = defaultdict(list)
-    extractor = extractor_for(detect_dialect(case.path), lambda channel, text: texts[channel].append(text))
+    extractor = extractor_for(
+        detect_dialect(case.path), lambda channel, text: texts[channel].append(text)
+    )
     if case.content_type == "application/x-ndjson":
         framer = NdjsonFramer()
-        usage_only = [extractor.event(line.data, None) for line in framer.feed(case.body) + framer.close()]
+        usage_only = [
+            extractor.event(line.data, None) for line in framer.feed(case.body) + framer.close()
+        ]
     else:
         framer = SseFramer()
         usage_only = [
@@ -63,7 +85,10 @@ def test_corpus_extraction(case: Case) -> None:
     assert content == case.meta["assembled"]["output_text"]
     reasoning = sum(len(v) for k, v in texts.items() if k.startswith("reasoning:"))
     if "reasoning_chars" in case.meta["assembled"]:
-        assert reasoning == case.meta["assembled"]["reasoning_chars"], (reasoning, case.meta["assembled"]["reasoning_chars"])
+        assert reasoning == case.meta["assembled"]["reasoning_chars"], (
+            reasoning,
+            case.meta["assembled"]["reasoning_chars"],
+        )
     tools = "".join(v for k, v in sorted(texts.items()) if k.startswith("tool:"))
     for call in case.meta["assembled"]["tool_calls"]:
         assert call["arguments"] in tools
@@ -96,17 +121,25 @@ def test_detect_dialect() -> None:
 def test_non_streaming_bodies() -> None:
     seen: list[tuple[str, str]] = []
     chat = extractor_for("openai_chat", lambda c, t: seen.append((c, t)))
-    chat.body(b'{"model":"gpt-4o","choices":[{"index":0,"message":{"content":"Hi","tool_calls":[{"index":0,"function":{"name":"f","arguments":"{}"}}]},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}')
+    chat.body(
+        b'{"model":"gpt-4o","choices":[{"index":0,"message":{"content":"Hi","tool_calls":[{"index":0,"function":{"name":"f","arguments":"{}"}}]},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}'
+    )
     assert chat.usage == Usage(5, 3, 2) and chat.finish_reason == "stop" and chat.model == "gpt-4o"
     assert seen == [("content:0", "Hi"), ("tool:0:0", "f"), ("tool:0:0", "{}")]
     anthropic = extractor_for("anthropic_messages", lambda c, t: None)
-    anthropic.body(b'{"type":"message","model":"claude-3-haiku","content":[{"type":"text","text":"x"}],"stop_reason":"end_turn","usage":{"input_tokens":10,"output_tokens":4,"cache_read_input_tokens":100}}')
+    anthropic.body(
+        b'{"type":"message","model":"claude-3-haiku","content":[{"type":"text","text":"x"}],"stop_reason":"end_turn","usage":{"input_tokens":10,"output_tokens":4,"cache_read_input_tokens":100}}'
+    )
     assert anthropic.usage == Usage(110, 4, 100, 0)
     responses = extractor_for("openai_responses", lambda c, t: None)
-    responses.body(b'{"model":"gpt-4.1","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"ok"}]}],"usage":{"input_tokens":9,"output_tokens":2,"output_tokens_details":{"reasoning_tokens":1}}}')
+    responses.body(
+        b'{"model":"gpt-4.1","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"ok"}]}],"usage":{"input_tokens":9,"output_tokens":2,"output_tokens_details":{"reasoning_tokens":1}}}'
+    )
     assert responses.usage == Usage(9, 2, 0, 0, 1) and responses.finish_reason == "completed"
     ollama = extractor_for("ollama_generate", lambda c, t: None)
-    ollama.body(b'{"model":"llama3","response":"hi","done":true,"done_reason":"stop","prompt_eval_count":7,"eval_count":2}')
+    ollama.body(
+        b'{"model":"llama3","response":"hi","done":true,"done_reason":"stop","prompt_eval_count":7,"eval_count":2}'
+    )
     assert ollama.usage == Usage(7, 2)
 
 
@@ -114,6 +147,8 @@ def test_in_stream_errors_are_reported() -> None:
     chat = extractor_for("openai_chat", lambda c, t: None)
     chat.event(b'{"error":{"message":"The server had an error","type":"server_error"}}', None)
     anthropic = extractor_for("anthropic_messages", lambda c, t: None)
-    anthropic.event(b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', "error")
+    anthropic.event(
+        b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', "error"
+    )
     assert chat.errors == ["The server had an error"]
     assert anthropic.errors == ["Overloaded"]

@@ -41,9 +41,15 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    from .server import run  # aiohttp and uvloop load only for the commands that serve
+    from .server import load_tokenizers, run  # aiohttp and uvloop load only to serve
+    from .tokens import TokenizerError
 
-    run(config)
+    try:
+        tokenizers = load_tokenizers(config)
+    except TokenizerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    run(config, tokenizers)
     return 0
 
 
@@ -52,6 +58,18 @@ def _check(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     sys.stdout.write(yaml.safe_dump(effective_config(config), sort_keys=False))
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from .tokens import ENCODINGS, fetch_encodings
+
+    try:
+        files = fetch_encodings(args.dir, args.encoding or ENCODINGS)
+    except Exception as error:
+        print(f"error: cannot download encodings: {error}", file=sys.stderr)
+        return 1
+    print(f"{len(files)} files in {args.dir}; run with TIKTOKEN_CACHE_DIR={args.dir}")
     return 0
 
 
@@ -76,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_option(check)
     check.set_defaults(func=_check)
+
+    tokenizers = commands.add_parser("tokenizers", help="manage tiktoken encodings")
+    tokenizer_commands = tokenizers.add_subparsers(dest="tokenizers_command", required=True)
+    fetch = tokenizer_commands.add_parser(
+        "fetch", help="download encodings into a directory, for offline images"
+    )
+    fetch.add_argument("--dir", required=True, help="where to put them (TIKTOKEN_CACHE_DIR)")
+    fetch.add_argument(
+        "--encoding", action="append", help="an encoding to fetch (default: all tallygate uses)"
+    )
+    fetch.set_defaults(func=_fetch)
     return parser
 
 

@@ -109,15 +109,21 @@ def upstream_request_headers(
 
 
 def client_response_headers(
-    upstream_headers: Headers, *, decoded: bool, gzip: bool, event_stream: bool
+    upstream_headers: Headers,
+    *,
+    decoded: bool,
+    gzip: bool,
+    event_stream: bool,
+    resized: bool = False,
 ) -> CIMultiDict[str]:
     """The upstream's end-to-end headers, adjusted for what we did to the body.
 
-    `decoded`: we undid the upstream's Content-Encoding; `gzip`: we compress toward the client.
-    Either way the length is no longer the upstream's.
+    `decoded`: we undid the upstream's Content-Encoding; `gzip`: we compress toward the client;
+    `resized`: we removed the usage chunk we asked for. Each way the length is no longer the
+    upstream's.
     """
     headers = _end_to_end(upstream_headers)
-    if decoded or gzip:
+    if decoded or gzip or resized:
         headers.popall("Content-Length", None)
     if decoded:
         headers.popall("Content-Encoding", None)

@@ -1,7 +1,8 @@
 """The request handler: moves bytes between the client and the upstream, and nothing more.
 
-Every decision is taken by the pure modules (routing, headers, compression, errors); this module
-only awaits sockets, enforces timeouts, and maps failures to answers. It must not parse bodies.
+Every decision is taken by the pure modules (routing, headers, compression, errors, metering);
+this module only awaits sockets, enforces timeouts, keeps the clock, and maps failures to answers.
+It must not parse bodies: it hands them to the meter.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import contextlib
 import itertools
 import logging
 import os
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
 
 from . import errors
+from .accesslog import AccessLog
 from .compression import (
     GzipEncoder,
     GzipSettings,
@@ -28,37 +32,21 @@ from .compression import (
     media_type,
 )
 from .config import Config, Timeouts, Upstream
+from .dialects import Dialect, detect_dialect
 from .errors import ProxyError
 from .headers import ClientSide, client_response_headers, is_trusted, upstream_request_headers
+from .metering import MeteringSettings, ResponseMeter, read_request
 from .routing import Router, upstream_url
+from .tokens import Tokenizers
+from .usage import Exchange, head_size
 
 log = logging.getLogger("tallygate.relay")
-
-Outcome = Literal["ok", "client_disconnect", "upstream_error", "timeout", "rejected", "shutdown"]
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 _READ_CHUNK = 2**16
 _request_ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}"
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What happened to one request; later issues turn it into the usage record."""
-
-    request_id: str
-    method: str
-    path: str
-    route: str = ""
-    upstream: str = ""
-    status: int = 0
-    outcome: Outcome = "ok"
-    stream: bool = False
-    encoding: str = "identity"
-    client_in_body: int = 0
-    upstream_in_body: int = 0
-    client_out_body: int = 0
 
 
 class Watchdog:
@@ -115,21 +103,49 @@ class Watchdog:
 class Proxy:
     """The proxy listener's handler, with the one shared upstream session."""
 
-    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        config: Config,
+        session: aiohttp.ClientSession,
+        tokenizers: Tokenizers | None,
+        access_log: AccessLog,
+        on_record: Callable[[Exchange], None] | None = None,
+    ) -> None:
         self.config = config
         self.session = session
         self.router = Router(config.routes)
+        self.tokenizers = tokenizers
+        self.access_log = access_log
+        self.on_record = on_record
         self.gzip = GzipSettings(
             config.compression.level, config.compression.window_bits, config.compression.mem_level
         )
+        m = config.metering
+        self.metering = MeteringSettings(
+            estimate=m.estimate and tokenizers is not None,
+            request_usage=m.request_usage,
+            max_event_bytes=m.max_event_bytes,
+            image_tokens_default=m.image_tokens_default,
+        )
         self.draining = False
         self.active = 0
+        self.records = 0
+        self._drains: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_event_loop()
+
+    # -- the request's life ---------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(
             request_id=request.headers.get("X-Request-Id") or f"{_ID_PREFIX}-{next(_request_ids)}",
             method=request.method,
             path=request.path,
+            started=self._loop.time(),
+        )
+        version = request.version
+        exchange.client_in = head_size(
+            f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}",
+            ((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers),
         )
         self.active += 1
         try:
@@ -140,38 +156,56 @@ class Proxy:
             raise
         finally:
             self.active -= 1
-            if exchange.outcome != "ok":
-                log.info(
-                    "request %s %s %s ended: %s (status %s)",
-                    exchange.request_id, exchange.method, exchange.path, exchange.outcome,
-                    exchange.status,
-                )  # fmt: skip
+            if not exchange.detached:  # else a drain task writes the record when it is done
+                self.finish(exchange)
+
+    def finish(self, exchange: Exchange) -> None:
+        """The one place a usage record is written: exactly once per request."""
+        exchange.ended = self._loop.time()
+        self.records += 1
+        if exchange.outcome != "ok":
+            log.info(
+                "request %s %s %s ended: %s (status %s)",
+                exchange.request_id, exchange.method, exchange.path, exchange.outcome,
+                exchange.status,
+            )  # fmt: skip
+        try:
+            self.access_log.write(exchange.record())
+            if self.on_record is not None:
+                self.on_record(exchange)
+        except Exception:  # the record must never take the relay down
+            exchange.metering_errors["record"] = exchange.metering_errors.get("record", 0) + 1
+            log.exception("writing the usage record of %s failed", exchange.request_id)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         family = errors.api_family(request.path)
         if request.method == "CONNECT":
-            return self._refuse(exchange, errors.method_refused("CONNECT"), family)
+            return await self._refuse(request, exchange, errors.method_refused("CONNECT"), family)
         raw_target = request.raw_path
         if not raw_target.startswith("/"):
-            return self._refuse(
-                exchange, errors.not_a_proxy("a request target not starting with /"), family
-            )
+            refusal = errors.not_a_proxy("a request target not starting with /")
+            return await self._refuse(request, exchange, refusal, family)
 
         path = raw_target.split("?", 1)[0]
         route = self.router.match(path)
         if route is None:
-            return self._refuse(exchange, errors.no_route(request.path), family)
+            return await self._refuse(request, exchange, errors.no_route(request.path), family)
         upstream = self.config.upstreams[route.upstream]
         exchange.route, exchange.upstream = route.path_prefix, upstream.name
+        dialect = detect_dialect(path) if route.dialect == "auto" else cast(Dialect, route.dialect)
+        exchange.dialect = dialect
 
         limit = self.config.limits.max_request_bytes
         if request.content_length is not None and request.content_length > limit:
-            return self._refuse(exchange, errors.too_large(limit), family)
-        body = await self._read_body(request, limit)
+            return await self._refuse(request, exchange, errors.too_large(limit), family)
+        body = await self._read_body(request, limit, exchange)
         if body is None:
-            return self._refuse(exchange, errors.too_large(limit), family)
-        exchange.client_in_body = len(body)
+            return await self._refuse(request, exchange, errors.too_large(limit), family)
 
+        facts = read_request(
+            dialect, body, self.tokenizers, self.metering, exchange.metering_errors
+        )
+        exchange.request = facts
         peer = request.remote
         client = ClientSide(
             peer=peer,
@@ -182,9 +216,11 @@ class Proxy:
         headers = upstream_request_headers(
             request.headers, client, upstream.api_key, upstream.auth_header
         )
-        return await self._forward(request, exchange, upstream, raw_target, headers, body, family)
+        return await self._forward(request, exchange, upstream, raw_target, headers, facts.body)
 
-    async def _read_body(self, request: web.BaseRequest, limit: int) -> bytes | None:
+    async def _read_body(
+        self, request: web.BaseRequest, limit: int, exchange: Exchange
+    ) -> bytes | None:
         """The whole request body, or None past `limit` (read no further than that)."""
         if not request.body_exists:
             return b""
@@ -192,10 +228,13 @@ class Proxy:
         size = 0
         while chunk := await request.content.read(_READ_CHUNK):
             size += len(chunk)
+            exchange.client_in += len(chunk)
             if size > limit:
                 return None
             parts.append(chunk)
         return b"".join(parts)
+
+    # -- the upstream exchange -----------------------------------------------------------------
 
     async def _forward(
         self,
@@ -203,59 +242,74 @@ class Proxy:
         exchange: Exchange,
         upstream: Upstream,
         target: str,
-        headers: object,
+        headers: CIMultiDict[str],
         body: bytes,
-        family: errors.ApiFamily,
     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        watchdog = Watchdog(loop, upstream.timeouts)
+        family = errors.api_family(request.path)
+        watchdog = Watchdog(self._loop, upstream.timeouts)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.timeouts.connect)
+        url = upstream_url(upstream.url, target)
+        data = body if body or request.method not in _BODYLESS_METHODS else None
         response: web.StreamResponse | None = None
-        encoder: GzipEncoder | None = None
         upstream_response: aiohttp.ClientResponse | None = None
+        encoder: GzipEncoder | None = None
+        meter: ResponseMeter | None = None
         try:
             try:
                 upstream_response = await self.session.request(
-                    request.method,
-                    upstream_url(upstream.url, target),
-                    headers=headers,  # type: ignore[arg-type]
-                    data=body if body or request.method not in _BODYLESS_METHODS else None,
-                    allow_redirects=False,
-                    timeout=timeout,
-                )
+                    request.method, url, headers=headers, data=data,
+                    allow_redirects=False, timeout=timeout,
+                )  # fmt: skip
             except aiohttp.ServerTimeoutError:
                 exchange.outcome = "timeout"
-                return self._refuse(exchange, errors.upstream_timeout(
-                    upstream.name, "connect", upstream.timeouts.connect), family)  # fmt: skip
+                refusal = errors.upstream_timeout(
+                    upstream.name, "connect", upstream.timeouts.connect
+                )
+                return await self._refuse(request, exchange, refusal, family)
             except (aiohttp.ClientError, OSError) as error:
                 exchange.outcome = "upstream_error"
                 reason = _describe(error)
                 log.warning("upstream %s unreachable: %s", upstream.name, reason)
-                return self._refuse(
-                    exchange, errors.upstream_unreachable(upstream.name, reason), family
+                refusal = errors.upstream_unreachable(upstream.name, reason)
+                return await self._refuse(request, exchange, refusal, family)
+            finally:
+                exchange.upstream_out = _sent_size(
+                    request.method, url, headers, data, upstream_response
                 )
             watchdog.headers_received()
-            response, decoder, encoder = self._start_response(request, exchange, upstream_response)
+            exchange.upstream_in = _received_head_size(upstream_response)
+            response, decoder, encoder, meter = self._start_response(
+                request, exchange, upstream_response
+            )
             await response.prepare(request)
             await self._pump(
-                request, exchange, upstream_response, response, decoder, encoder, watchdog
+                request, exchange, upstream_response, response, decoder, encoder, meter, watchdog
             )
             return response
         except asyncio.CancelledError:
             expired = watchdog.expired
             task = asyncio.current_task()
             if expired is None or task is None or task.uncancel() > 0:
-                raise  # the client left, or we are shutting down
+                # The client left, or we are shutting down.
+                if exchange.outcome == "ok":
+                    exchange.outcome = "shutdown" if self.draining else "client_disconnect"
+                if meter is not None and upstream_response is not None:
+                    self._client_gone(exchange, meter, upstream_response)
+                raise
             exchange.outcome = "timeout"
             log.warning("upstream %s timed out (%s)", upstream.name, expired)
             if response is None or not response.prepared:
                 timed_out = errors.upstream_timeout(upstream.name, expired, watchdog.seconds())
-                return self._refuse(exchange, timed_out, family)
+                return await self._refuse(request, exchange, timed_out, family)
             await _cut(request, response, encoder)
             return response
         finally:
             watchdog.stop()
-            if upstream_response is not None:
+            if response is not None:
+                exchange.client_out = _output_size(response)
+            if meter is not None and not exchange.detached:
+                exchange.response = meter.facts()
+            if upstream_response is not None and not exchange.detached:
                 # Closing, not releasing: an unfinished upstream body must not go back to the pool,
                 # and the upstream must see us leave at once.
                 upstream_response.close()
@@ -265,8 +319,8 @@ class Proxy:
         request: web.BaseRequest,
         exchange: Exchange,
         upstream_response: aiohttp.ClientResponse,
-    ) -> tuple[web.StreamResponse, UpstreamDecoder | None, GzipEncoder | None]:
-        """The client's response head, and how its body is to be coded."""
+    ) -> tuple[web.StreamResponse, UpstreamDecoder | None, GzipEncoder | None, ResponseMeter]:
+        """The client's response head, how its body is to be coded, and its meter."""
         status = upstream_response.status
         exchange.status = status
         upstream_headers = upstream_response.headers
@@ -278,7 +332,18 @@ class Proxy:
         if coding and coding != "identity" and coding in UpstreamDecoder.DECODABLE and has_body:
             decoder = UpstreamDecoder(coding)
         plain = decoder is not None or not coding or coding == "identity"
-        length = None if decoder else upstream_response.content_length
+        facts = exchange.request
+        meter = ResponseMeter(
+            exchange.dialect if plain and has_body else "none",  # type: ignore[arg-type]
+            content_type,
+            self.tokenizers if self.metering.estimate else None,
+            self.metering,
+            facts.model if facts else None,
+            exchange.metering_errors,
+            strip_usage_chunk=bool(facts and facts.usage_requested) and status == 200 and plain,
+        )
+        exchange.stream = meter.is_stream
+        length = None if decoder or meter.strips else upstream_response.content_length
 
         encoder = None
         compression = self.config.compression
@@ -292,19 +357,19 @@ class Proxy:
             encoder = GzipEncoder(self.gzip, flush_policy(content_type, length))
             exchange.encoding = "gzip"
 
-        exchange.stream = media_type(content_type) in ("text/event-stream", "application/x-ndjson")
         response = web.StreamResponse(status=status, reason=upstream_response.reason)
         response.headers.extend(
             client_response_headers(
                 upstream_headers,
                 decoded=decoder is not None,
+                resized=meter.strips,
                 gzip=encoder is not None,
                 event_stream=media_type(content_type) == "text/event-stream",
             )
         )
         if length is not None and encoder is None:
             response.content_length = length
-        return response, decoder, encoder
+        return response, decoder, encoder, meter
 
     async def _pump(
         self,
@@ -314,13 +379,15 @@ class Proxy:
         response: web.StreamResponse,
         decoder: UpstreamDecoder | None,
         encoder: GzipEncoder | None,
+        meter: ResponseMeter,
         watchdog: Watchdog,
     ) -> None:
-        """Copy the body as it arrives. Read errors are the upstream's failure; write errors mean
-        the client left."""
+        """Copy the body as it arrives, showing every chunk to the meter. Read errors are the
+        upstream's failure; write errors mean the client left."""
         read = upstream_response.content.readany
         write = response.write
-        loop_time = asyncio.get_running_loop().time
+        now = self._loop.time
+        strips = meter.strips
         try:
             while True:
                 try:
@@ -332,38 +399,119 @@ class Proxy:
                     log.warning(
                         "upstream %s failed mid-body: %s", exchange.upstream, _describe(error)
                     )
+                    rest = meter.close()
+                    if rest:
+                        await self._send(exchange, write, encoder, rest)
                     await _cut(request, response, encoder)
                     return
                 if not chunk:
                     break
-                watchdog.last = loop_time()
-                exchange.upstream_in_body += len(chunk)
+                watchdog.last = now()
+                exchange.upstream_in += len(chunk)
                 if decoder is not None:
                     chunk = decoder.feed(chunk)
-                if encoder is not None:
-                    chunk = encoder.feed(chunk)
+                relayed = meter.feed(chunk)
+                if strips:
+                    chunk = relayed or b""
                 if chunk:
-                    exchange.client_out_body += len(chunk)
-                    await write(chunk)
+                    await self._send(exchange, write, encoder, chunk)
+                    if exchange.first_token_at is None and meter.text_seen:
+                        exchange.first_token_at = now()
             tail = decoder.close() if decoder is not None else b""
+            relayed = meter.feed(tail) if tail else None
+            tail = (relayed or b"") if strips else tail
+            tail += meter.close()
+            exchange.client_out_uncompressed += len(tail)
             if encoder is not None:
                 tail = encoder.feed(tail) + encoder.close()
             if tail:
-                exchange.client_out_body += len(tail)
                 await write(tail)
             await response.write_eof()
+            if exchange.first_byte_at is None:
+                exchange.first_byte_at = now()
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             exchange.outcome = "client_disconnect"
+            self._client_gone(exchange, meter, upstream_response)
 
-    def _refuse(
-        self, exchange: Exchange, error: ProxyError, family: errors.ApiFamily
-    ) -> web.Response:
+    async def _send(
+        self,
+        exchange: Exchange,
+        write: Callable[[bytes], Any],
+        encoder: GzipEncoder | None,
+        plain: bytes,
+    ) -> None:
+        exchange.client_out_uncompressed += len(plain)
+        await write(encoder.feed(plain) if encoder is not None else plain)
+        if exchange.first_byte_at is None:
+            exchange.first_byte_at = self._loop.time()
+
+    # -- a client that left ----------------------------------------------------------------------
+
+    def _client_gone(
+        self, exchange: Exchange, meter: ResponseMeter, upstream_response: aiohttp.ClientResponse
+    ) -> None:
+        """Note what reached the client; with `on_client_disconnect: drain`, keep reading the
+        upstream in the background so its reported usage (what you are billed) is captured."""
+        exchange.delivered_output_tokens = meter.output_estimate()
+        if self.config.metering.on_client_disconnect != "drain" or upstream_response.closed:
+            return
+        exchange.detached = True
+        task = asyncio.get_running_loop().create_task(
+            self._drain(exchange, meter, upstream_response)
+        )
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(
+        self, exchange: Exchange, meter: ResponseMeter, upstream_response: aiohttp.ClientResponse
+    ) -> None:
+        upstream = self.config.upstreams[exchange.upstream]
+        decoder = None
+        coding = upstream_response.headers.get("Content-Encoding", "").strip().lower()
+        if coding in UpstreamDecoder.DECODABLE:
+            decoder = UpstreamDecoder(coding)
+        try:
+            async with asyncio.timeout(
+                min(self.config.metering.drain_timeout, upstream.timeouts.total)
+            ):
+                while chunk := await upstream_response.content.readany():
+                    exchange.upstream_in += len(chunk)
+                    meter.feed(decoder.feed(chunk) if decoder is not None else chunk)
+                meter.close()
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            log.info("drain of %s stopped: %s", exchange.request_id, _describe(error))
+        finally:
+            upstream_response.close()
+            exchange.response = meter.facts()
+            self.finish(exchange)
+
+    async def drain_tasks(self) -> None:
+        """Wait for background drains (at shutdown)."""
+        if self._drains:
+            await asyncio.gather(*self._drains, return_exceptions=True)
+
+    # -- answers of our own ----------------------------------------------------------------------
+
+    async def _refuse(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        error: ProxyError,
+        family: errors.ApiFamily,
+    ) -> web.StreamResponse:
         exchange.status = error.status
         if exchange.outcome == "ok":
             exchange.outcome = "rejected"
-        return web.Response(
+        response = web.Response(
             status=error.status, body=error.body(family), content_type="application/json"
         )
+        # Sent here rather than by aiohttp after we return, so the record knows its size.
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            await response.prepare(request)
+            await response.write_eof()
+        exchange.client_out = _output_size(response)
+        exchange.first_byte_at = self._loop.time()
+        return response
 
 
 async def _cut(
@@ -378,6 +526,45 @@ async def _cut(
     transport = request.transport
     if transport is not None:
         transport.close()
+
+
+def _output_size(response: web.StreamResponse) -> int:
+    """Every byte written to the client for this response: status line, headers, chunk framing,
+    body (aiohttp's writer counts them as they go to the socket)."""
+    writer = getattr(response, "_payload_writer", None)  # until write_eof; body_length after
+    return int(writer.output_size) if writer is not None else response.body_length
+
+
+def _sent_size(
+    method: str,
+    url: str,
+    headers: CIMultiDict[str],
+    data: bytes | None,
+    upstream_response: aiohttp.ClientResponse | None,
+) -> int:
+    """The request as aiohttp wrote it to the upstream: its request line, the headers it really
+    sent (ours plus Host and Content-Length), and the body."""
+    body = len(data) if data is not None else 0
+    if upstream_response is not None:
+        info = upstream_response.request_info
+        line = f"{method} {info.url.raw_path_qs} HTTP/1.1"
+        return head_size(line, info.headers.items()) + body
+    # No response: the same head, rebuilt from what we handed aiohttp.
+    parsed = URL(url, encoded=True)
+    sent = [*headers.items(), ("Host", parsed.raw_authority)]
+    if data is not None:
+        sent.append(("Content-Length", str(body)))
+    return head_size(f"{method} {parsed.raw_path_qs} HTTP/1.1", sent) + body
+
+
+def _received_head_size(upstream_response: aiohttp.ClientResponse) -> int:
+    version = upstream_response.version
+    number = f"{version.major}.{version.minor}" if version is not None else "1.1"
+    line = f"HTTP/{number} {upstream_response.status} {upstream_response.reason}"
+    return head_size(
+        line,
+        ((k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream_response.raw_headers),
+    )
 
 
 def _describe(error: BaseException) -> str:

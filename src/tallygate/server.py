@@ -10,13 +10,17 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
+from .accesslog import AccessLog
 from .config import Config, Listen
 from .relay import Proxy
+from .tokens import Tokenizers
+from .usage import Exchange
 
 log = logging.getLogger("tallygate")
 
@@ -60,9 +64,11 @@ class Running:
         self.proxy.draining = True
         log.info("draining: %d requests in flight", self.proxy.active)
         await self._proxy_runner.cleanup()
+        await self.proxy.drain_tasks()
         await self._session.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.proxy.access_log.close)
         await self._admin_runner.cleanup()
-        log.info("stopped")
+        log.info("stopped after %d requests", self.proxy.records)
 
 
 def _admin_app(proxy: Proxy) -> web.Application:
@@ -94,14 +100,28 @@ def new_session(config: Config) -> aiohttp.ClientSession:
         # One session serves every client: cookies from one must never reach another.
         cookie_jar=aiohttp.DummyCookieJar(),
         # Send the client's headers, not aiohttp's defaults.
-        skip_auto_headers=("User-Agent", "Accept"),
+        skip_auto_headers=("User-Agent", "Accept", "Content-Type"),
         timeout=aiohttp.ClientTimeout(total=None),
     )
 
 
-async def start(config: Config) -> Running:
+def load_tokenizers(config: Config) -> Tokenizers | None:
+    """Encodings are loaded now, at start-up, never on a first request (TokenizerError if not)."""
+    if not config.metering.estimate:
+        return None
+    return Tokenizers.load(config.metering.default_encoding, config.metering.encodings)
+
+
+async def start(
+    config: Config,
+    tokenizers: Tokenizers | None = None,
+    on_record: Callable[[Exchange], None] | None = None,
+) -> Running:
+    if tokenizers is None:
+        tokenizers = load_tokenizers(config)
     session = new_session(config)
-    proxy = Proxy(config, session)
+    access_log = AccessLog(config.access_log)
+    proxy = Proxy(config, session, tokenizers, access_log, on_record)
 
     server = web.Server(
         proxy.handle,
@@ -127,9 +147,9 @@ async def start(config: Config) -> Running:
     )
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, tokenizers: Tokenizers | None) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
-    running = await start(config)
+    running = await start(config, tokenizers)
     log.info(
         "tallygate listening on %s (admin %s), event loop %s",
         _where(config.listen, running.proxy_port),
@@ -149,10 +169,10 @@ def _where(listen: Listen, port: int) -> str:
     return str(Listen(listen.host, port))
 
 
-def run(config: Config) -> None:
+def run(config: Config, tokenizers: Tokenizers | None) -> None:
     try:
         import uvloop
     except ImportError:  # uvloop is optional (not on Windows); asyncio's loop works, slower.
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, tokenizers))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, tokenizers))

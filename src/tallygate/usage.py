@@ -14,7 +14,7 @@ from typing import Any, Literal
 from .dialects import Usage
 from .metering import RequestFacts, ResponseFacts
 
-Outcome = Literal["ok", "client_disconnect", "upstream_error", "timeout", "rejected"]
+Outcome = Literal["ok", "client_disconnect", "upstream_error", "timeout", "rejected", "shutdown"]
 TokensSource = Literal["reported", "estimated", "mixed", "none"]
 
 
@@ -54,6 +54,7 @@ class Exchange:
     response: ResponseFacts | None = None
     delivered_output_tokens: int | None = None
     metering_errors: dict[str, int] = field(default_factory=dict)
+    detached: bool = False  # handed to a drain task, which writes the record
 
     def tokens(self) -> tuple[Usage, TokensSource]:
         """Reported usage when the stream reported it whole; estimates where it did not."""
