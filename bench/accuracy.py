@@ -36,7 +36,9 @@ def pct(value: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     args = parser.parse_args()
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(args.corpus.parent / "tiktoken-cache"))
@@ -53,8 +55,12 @@ def main() -> None:
         path = meta["endpoint_path"].split()[0]
         dialect = detect_dialect(path)
         request = folder / "request.json"
-        facts = read_request(dialect, request.read_bytes() if request.exists() else b"", tokenizers, settings, errors)
-        meter = ResponseMeter(dialect, meta["content_type"], tokenizers, settings, facts.model, errors)
+        facts = read_request(
+            dialect, request.read_bytes() if request.exists() else b"", tokenizers, settings, errors
+        )
+        meter = ResponseMeter(
+            dialect, meta["content_type"], tokenizers, settings, facts.model, errors
+        )
         body = (folder / "response.body").read_bytes()
         for i in range(0, len(body), 1460):  # one TCP segment at a time
             meter.feed(body[i : i + 1460])
@@ -65,7 +71,11 @@ def main() -> None:
         exact = tokenizers.for_model(response.model or facts.model).exact
         in_err = error(facts.estimated_input, response.usage.input)
         out_err = error(response.estimated_output, response.usage.output)
-        family = meta["provider"] if not meta["provider"].startswith("openai") else f"openai {meta['endpoint']}"
+        family = (
+            meta["provider"]
+            if not meta["provider"].startswith("openai")
+            else f"openai {meta['endpoint']}"
+        )
         families[family].append((in_err, out_err, text_only and exact))
         rows.append(
             f"| {folder.name} | {response.model} | {facts.estimated_input} | {response.usage.input} | "
@@ -73,11 +83,15 @@ def main() -> None:
             f"{'yes' if text_only else 'no'} | {'yes' if exact else 'no'} |"
         )
 
-    print("| case | model | input est. | input rep. | input err. | output est. | output rep. | output err. | text only | own tokenizer |")
+    print(
+        "| case | model | input est. | input rep. | input err. | output est. | output rep. | output err. | text only | own tokenizer |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print()
-    print("| provider family | cases | median abs. input error | median abs. output error | output error, text-only cases with the model's own tokenizer (max abs.) |")
+    print(
+        "| provider family | cases | median abs. input error | median abs. output error | output error, text-only cases with the model's own tokenizer (max abs.) |"
+    )
     print("|---|---|---|---|---|")
     for family, values in sorted(families.items()):
         ins = sorted(abs(v[0]) for v in values if v[0] is not None)

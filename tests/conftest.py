@@ -16,6 +16,7 @@ import yaml
 from aiohttp import web
 
 from tallygate.config import Config, load_config_text
+from tallygate.dialects import Usage
 from tallygate.server import Running, start
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,38 @@ def load_corpus() -> list[Case]:
 
 
 CASES = load_corpus()
+
+
+def expected_usage(meta: dict[str, Any]) -> Usage | None:
+    """The corpus's normalized numbers, in tallygate's convention (input includes cache)."""
+    usage = meta["usage"]
+    if usage is None:
+        return None
+    if "prompt_tokens" in usage:
+        return Usage(
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+            usage.get("cached_tokens") or 0,
+            0,
+            usage.get("reasoning_tokens") or 0,
+        )
+    if "cache_creation_input_tokens" in usage:
+        written, read = (
+            usage["cache_creation_input_tokens"] or 0,
+            usage["cache_read_input_tokens"] or 0,
+        )
+        return Usage(
+            usage["input_tokens"] + written + read, usage["output_tokens"], read, written, 0
+        )
+    if "input_tokens" in usage:
+        return Usage(
+            usage["input_tokens"],
+            usage["output_tokens"],
+            usage.get("cached_tokens") or 0,
+            0,
+            usage.get("reasoning_tokens") or 0,
+        )
+    return Usage(usage["prompt_eval_count"], usage["eval_count"])
 
 
 def gunzip(data: bytes) -> bytes:

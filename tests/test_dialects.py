@@ -9,7 +9,7 @@ import pytest
 from tallygate.dialects import Usage, detect_dialect, extractor_for
 from tallygate.framing import NdjsonFramer, SseFramer
 
-from conftest import CASES, Case
+from conftest import CASES, Case, expected_usage
 
 DIALECT_OF_ENDPOINT = {
     "chat.completions": "openai_chat",
@@ -19,38 +19,6 @@ DIALECT_OF_ENDPOINT = {
     "api/chat": "ollama_chat",
     "api/generate": "ollama_generate",
 }
-
-
-def expected_usage(meta: dict) -> Usage | None:
-    """The corpus's normalized numbers, in tallygate's convention (input includes cache)."""
-    usage = meta["usage"]
-    if usage is None:
-        return None
-    if "prompt_tokens" in usage:
-        return Usage(
-            usage["prompt_tokens"],
-            usage["completion_tokens"],
-            usage.get("cached_tokens") or 0,
-            0,
-            usage.get("reasoning_tokens") or 0,
-        )
-    if "cache_creation_input_tokens" in usage:
-        written, read = (
-            usage["cache_creation_input_tokens"] or 0,
-            usage["cache_read_input_tokens"] or 0,
-        )
-        return Usage(
-            usage["input_tokens"] + written + read, usage["output_tokens"], read, written, 0
-        )
-    if "input_tokens" in usage:
-        return Usage(
-            usage["input_tokens"],
-            usage["output_tokens"],
-            usage.get("cached_tokens") or 0,
-            0,
-            usage.get("reasoning_tokens") or 0,
-        )
-    return Usage(usage["prompt_eval_count"], usage["eval_count"])
 
 
 def extract(case: Case):

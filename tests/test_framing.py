@@ -105,6 +105,10 @@ def test_event_size_is_bounded() -> None:
     ndjson = NdjsonFramer(max_event_bytes=100)
     with pytest.raises(EventTooLarge):
         ndjson.feed(b"{" * 101)
+    # Complete in one read, too large all the same; the events of that read are handed back.
+    with pytest.raises(EventTooLarge) as raised:
+        SseFramer(max_event_bytes=100).feed(b"data: a\n\ndata: " + b"x" * 200 + b"\n\n")
+    assert [e.data for e in raised.value.events] == [b"a", b"x" * 200]
 
 
 def test_ndjson_lines() -> None:

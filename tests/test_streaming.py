@@ -33,6 +33,12 @@ LOCKSTEP_CASES = [
 ]  # LF, SSE comments, CRLF, Anthropic padding, NDJSON
 
 
+# A streaming request that did not ask for usage: tallygate asks for it, and so relays whole
+# events through its framer (the one path where it looks at event boundaries before sending).
+STREAM_REQUEST = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
+
+
+@pytest.mark.parametrize("request_body", [b"{}", STREAM_REQUEST], ids=["plain", "usage-requested"])
 @pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
 @pytest.mark.parametrize("case", LOCKSTEP_CASES, ids=lambda c: c.id[:3])
 async def test_each_event_reaches_the_client_before_the_next_is_sent(
@@ -41,14 +47,20 @@ async def test_each_event_reaches_the_client_before_the_next_is_sent(
     client: aiohttp.ClientSession,
     case: object,
     gzip: bool,
+    request_body: bytes,
 ) -> None:
     """Lockstep: the upstream sends event n+1 only once the client has decoded event n. A proxy
-    that held anything back (a buffer, an unflushed compressor) deadlocks, and the test fails."""
+    that held anything back (a buffer, an unflushed compressor) deadlocks, and the test fails.
+    Metering is on (its default), so this also proves it adds no buffering."""
     from conftest import Case
 
     assert isinstance(case, Case)
     events = split_events(case.body, case.content_type == "application/x-ndjson")
     assert len(events) > 3
+    stripping = request_body == STREAM_REQUEST and case.path == "/v1/chat/completions"
+    # What the client is to receive: everything, except (when tallygate asked for usage) the
+    # usage-only chunk, the one event it removes.
+    delivered = [e for e in events if not (stripping and b'"choices":[],' in e)]
     decoded_upto = asyncio.Condition()
     received = bytearray()
 
@@ -58,6 +70,8 @@ async def test_each_event_reaches_the_client_before_the_next_is_sent(
         sent = b""
         for event in events:
             await response.write(event)
+            if event not in delivered:
+                continue
             sent += event
             expected = sent
             async with decoded_upto:
@@ -71,7 +85,7 @@ async def test_each_event_reaches_the_client_before_the_next_is_sent(
     running = await make_proxy()
     headers = {"Accept-Encoding": "gzip" if gzip else "identity"}
     url = f"http://127.0.0.1:{running.proxy_port}{case.path}"
-    async with client.post(url, data=b"{}", headers=headers) as response:
+    async with client.post(url, data=request_body, headers=headers) as response:
         assert (response.headers.get("Content-Encoding") == "gzip") is gzip
         inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
         async with asyncio.timeout(30):
@@ -79,7 +93,8 @@ async def test_each_event_reaches_the_client_before_the_next_is_sent(
                 received.extend(inflate.decompress(chunk) if inflate else chunk)
                 async with decoded_upto:
                     decoded_upto.notify_all()
-    assert bytes(received) == case.body
+    assert bytes(received) == b"".join(delivered)
+    assert len(delivered) == len(events) - (1 if stripping and case.id.startswith("007") else 0)
 
 
 async def raw_server(

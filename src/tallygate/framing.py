@@ -113,7 +113,7 @@ class SseFramer:
         if event_start:
             del buf[:event_start]
         self._line_start = line_start - event_start
-        if len(buf) > self._max:
+        if len(buf) > self._max or any(len(event.raw) > self._max for event in events):
             raise EventTooLarge(f"an SSE event exceeds {self._max} bytes", events)
         return events
 
@@ -172,7 +172,7 @@ class NdjsonFramer:
             lines.append(NdjsonLine(raw, raw.rstrip(b"\r\n")))
             start = end + 1
         self._buf = buf[start:]
-        if len(self._buf) > self._max:
+        if len(self._buf) > self._max or any(len(line.raw) > self._max for line in lines):
             raise EventTooLarge(f"an NDJSON line exceeds {self._max} bytes", lines)
         return lines
 

@@ -1,0 +1,314 @@
+"""Metering through the whole proxy: usage records for every corpus case, exact wire bytes,
+the usage request, disconnects with cancel and drain, and metering that fails open."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import zlib
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from conftest import CASES, Case, FakeUpstream, ProxyFactory, expected_usage, gunzip
+
+RECORD_FIELDS = {
+    "ts", "request_id", "route", "upstream", "dialect", "method", "path", "status", "outcome",
+    "stream", "model", "tenant", "tokens", "tokens_source", "estimated",
+    "delivered_output_tokens", "bytes", "client_out_uncompressed", "encoding", "timings",
+}  # fmt: skip
+
+
+def replay(case: Case, honour_usage_option: bool = False) -> Any:
+    """An upstream that streams the recorded body in pieces. With `honour_usage_option`, it adds
+    an OpenAI usage-only chunk before [DONE] when the request asks for it, as OpenAI does."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = case.body
+        if honour_usage_option:
+            asked = json.loads(await request.read())
+            if asked.get("stream_options", {}).get("include_usage"):
+                usage = b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"gpt-4o-2024-08-06","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}\n\n'
+                body = body.replace(b"data: [DONE]", usage + b"data: [DONE]")
+        response = web.StreamResponse(headers={"Content-Type": case.content_type_header})
+        await response.prepare(request)
+        for i in range(0, len(body), 173):
+            await response.write(body[i : i + 173])
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
+async def test_every_corpus_case_leaves_a_record_with_the_reported_usage(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: list[dict[str, Any]],
+    gzip: bool,
+) -> None:
+    running = await make_proxy()
+    for case in CASES:
+        upstream.handler = replay(case)
+        url = f"http://127.0.0.1:{running.proxy_port}{case.path}"
+        headers = {"Accept-Encoding": "gzip" if gzip else "identity"}
+        async with client.post(url, data=case.request or b"{}", headers=headers) as response:
+            raw = await response.read()
+            assert (gunzip(raw) if gzip else raw) == case.body, case.id
+        record = records[-1]
+        assert set(record) >= RECORD_FIELDS, case.id
+        assert record["outcome"] == "ok" and record["status"] == 200 and record["stream"]
+        expected = expected_usage(case.meta)
+        tokens = record["tokens"]
+        if expected is not None:
+            assert record["tokens_source"] == "reported", case.id
+            assert tokens == {
+                "input": expected.input, "output": expected.output,
+                "cached_input": expected.cached_input,
+                "cache_write_input": expected.cache_write_input, "reasoning": expected.reasoning,
+            }, case.id  # fmt: skip
+        else:
+            assert record["tokens_source"] == "estimated", case.id
+            assert tokens["output"] == record["estimated"]["output"] > 0
+        assert record["model"] == case.meta["model"]["reported_in_stream"] or (
+            not case.meta["model"]["reported_in_stream"]
+        )
+        assert record["metering_errors"] == {}, case.id
+        assert record["encoding"] == ("gzip" if gzip else "identity")
+        assert record["client_out_uncompressed"] == len(case.body)
+        assert record["bytes"]["upstream_in"] > len(case.body)
+        timings = record["timings"]
+        assert 0 < timings["ttfb_s"] <= timings["duration_s"]
+        if case.meta["assembled"]["output_text"]:
+            assert timings["ttfb_s"] <= timings["ttft_s"] <= timings["duration_s"]
+    assert len(records) == len(CASES)
+
+
+async def test_wire_bytes_are_exact(
+    make_proxy: ProxyFactory, records: list[dict[str, Any]]
+) -> None:
+    """Raw sockets on both sides count what really crossed them."""
+    case = next(c for c in CASES if c.id.startswith("040"))
+    upstream_got = bytearray()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+        upstream_got.extend(head + await reader.readexactly(length))
+        body = case.body
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        for i in range(0, len(body), 200):
+            piece = body[i : i + 200]
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        running = await make_proxy(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        for accept in (b"identity", b"gzip"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy_port)
+            body = case.request or b"{}"
+            sent = (
+                b"POST /v1/messages HTTP/1.1\r\nHost: tallygate\r\nContent-Type: application/json\r\n"
+                b"Accept-Encoding: " + accept + b"\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            writer.write(sent)
+            received = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await asyncio.sleep(0.05)
+            record = records[-1]
+            assert record["bytes"]["client_out"] == len(received)
+            assert record["bytes"]["client_in"] == len(sent)
+            assert record["bytes"]["upstream_out"] == len(upstream_got)
+            upstream_got.clear()
+            if accept == b"gzip":
+                chunked = received.split(b"\r\n\r\n", 1)[1]
+                data, rest = b"", chunked
+                while True:
+                    size_line, rest = rest.split(b"\r\n", 1)
+                    size = int(size_line, 16)
+                    if not size:
+                        break
+                    data, rest = data + rest[:size], rest[size + 2 :]
+                assert zlib.decompress(data, 16 + zlib.MAX_WBITS) == case.body
+                assert record["client_out_uncompressed"] == len(case.body) > len(data)
+
+
+async def test_usage_is_requested_and_its_chunk_removed(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: list[dict[str, Any]],
+) -> None:
+    case = next(c for c in CASES if c.id.startswith("015"))  # a stream that did not ask for usage
+    asked = json.loads(case.request or b"")
+    assert asked["stream"] is True and "stream_options" not in asked
+    upstream.handler = replay(case, honour_usage_option=True)
+    running = await make_proxy()
+    url = f"http://127.0.0.1:{running.proxy_port}{case.path}"
+    for encoding in ("identity", "gzip"):
+        async with client.post(url, data=case.request, headers={"Accept-Encoding": encoding}) as r:
+            raw = await r.read()
+            assert "Content-Length" not in r.headers
+        # The client gets the stream it asked for: without the chunk it did not ask for.
+        assert (gunzip(raw) if encoding == "gzip" else raw) == case.body
+        record = records[-1]
+        assert record["usage_requested"] is True
+        assert record["tokens_source"] == "reported"
+        assert record["tokens"]["input"] == 11 and record["tokens"]["output"] == 7
+        assert json.loads(upstream.requests[-1][1])["stream_options"] == {"include_usage": True}
+
+    # A client that asked for usage itself gets the stream untouched, usage chunk included.
+    own = json.dumps({**asked, "stream_options": {"include_usage": True}}).encode()
+    async with client.post(url, data=own, headers={"Accept-Encoding": "identity"}) as r:
+        raw = await r.read()
+    assert b'"choices":[],"usage"' in raw
+    assert records[-1]["usage_requested"] is False
+    assert upstream.requests[-1][1] == own
+
+
+async def test_usage_request_is_off_when_configured(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    case = next(c for c in CASES if c.id.startswith("015"))
+    upstream.handler = replay(case, honour_usage_option=True)
+    running = await make_proxy(metering={"request_usage": False})
+    async with client.post(
+        f"http://127.0.0.1:{running.proxy_port}{case.path}", data=case.request
+    ) as r:
+        await r.read()
+    assert upstream.requests[-1][1] == case.request
+
+
+def blocking_stream(case: Case, events_before_block: int, release: asyncio.Event) -> Any:
+    """Sends some events, then waits for `release`, then the rest."""
+    events = re.findall(rb".*?\n\n", case.body, re.S)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events[:events_before_block]:
+            await response.write(event)
+        await release.wait()
+        for event in events[events_before_block:]:
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+@pytest.mark.parametrize("mode", ["cancel", "drain"])
+async def test_client_disconnect_with_cancel_and_drain(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    records: list[dict[str, Any]],
+    mode: str,
+) -> None:
+    case = next(c for c in CASES if c.id.startswith("048"))  # Anthropic, 171 output tokens
+    release = asyncio.Event()
+    upstream.handler = blocking_stream(case, 20, release)
+    running = await make_proxy(metering={"on_client_disconnect": mode})
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy_port)
+    writer.write(
+        b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nAccept-Encoding: identity\r\n\r\n{}"
+    )
+    got = b""
+    async with asyncio.timeout(5):
+        while got.count(b"content_block_delta") < 15:
+            got += await reader.read(65536)
+    writer.close()
+    async with asyncio.timeout(5):
+        while not records:
+            await asyncio.sleep(0.01) if mode == "cancel" else (
+                release.set(),
+                await asyncio.sleep(0.01),
+            )
+    record = records[-1]
+    assert record["outcome"] == "client_disconnect"
+    delivered = record["delivered_output_tokens"]
+    assert 0 < delivered < 171
+    if mode == "cancel":
+        # Input reported up front by message_start; the output count is what passed.
+        assert record["tokens_source"] == "mixed"
+        assert record["tokens"]["input"] == 17
+        assert record["tokens"]["output"] == record["estimated"]["output"] == delivered
+    else:
+        # The drain read the rest: the record has the provider's own final usage.
+        assert record["tokens_source"] == "reported"
+        assert record["tokens"] == {
+            "input": 17,
+            "output": 171,
+            "cached_input": 0,
+            "cache_write_input": 0,
+            "reasoning": 0,
+        }
+        assert record["estimated"]["output"] > delivered
+    assert len(records) == 1
+
+
+async def test_metering_fails_open_on_garbage(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: list[dict[str, Any]],
+) -> None:
+    body = (
+        b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+        b"data: {not json at all\n\n"
+        b"data: \xff\xfe\xfd\n\n"
+        b'data: {"choices":"not a list","usage":"nope"}\n\n'
+        b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":" there"}}]}\n\n'
+        b"data: [DONE]\n\n"
+    )
+
+    async def garbage(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, headers={"Content-Type": "text/event-stream"})
+
+    upstream.handler = garbage
+    running = await make_proxy()
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    async with client.post(
+        url, data=b"not json either", headers={"Accept-Encoding": "identity"}
+    ) as r:
+        assert await r.read() == body
+    record = records[-1]
+    assert record["outcome"] == "ok"
+    assert record["metering_errors"] == {"request": 1, "dialect": 2}
+    assert record["estimated"]["output"] == 2  # "Hi there"
+    assert record["tokens_source"] == "estimated"
+
+
+async def test_an_event_past_the_bound_stops_metering_not_the_stream(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: list[dict[str, Any]],
+) -> None:
+    huge = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 5000 + b'"}}]}\n\n'
+    body = (
+        b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+        + huge
+        + b"data: [DONE]\n\n"
+    )
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, headers={"Content-Type": "text/event-stream"})
+
+    upstream.handler = big
+    running = await make_proxy(metering={"max_event_bytes": "1KiB"})
+    async with client.post(
+        f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions", data=b"{}"
+    ) as r:
+        raw = await r.read()
+        assert (gunzip(raw) if r.headers.get("Content-Encoding") else raw) == body
+    assert records[-1]["metering_errors"] == {"framing": 1}
