@@ -31,8 +31,14 @@ def error(estimate: int | None, reported: int) -> float | None:
     return (estimate - reported) / reported
 
 
-def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:+.1f}%"
+def pct(value: float | None, sign: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:+.1f}%" if sign else f"{100 * value:.1f}%"
+
+
+# Models that think in tokens nobody but the provider sees: their output counts include them.
+HIDDEN_REASONING = ("gpt-5", "o1", "o3", "o4")
 
 
 def main() -> None:
@@ -46,7 +52,9 @@ def main() -> None:
     settings = MeteringSettings(request_usage=False)
 
     rows = []
-    families: dict[str, list[tuple[float | None, float | None, bool]]] = defaultdict(list)
+    families: dict[str, list[tuple[float | None, float | None, bool, int | None]]] = defaultdict(
+        list
+    )
     for folder in sorted(p for p in args.corpus.iterdir() if p.is_dir()):
         meta = json.loads((folder / "meta.json").read_text())
         if not meta["usage"]:
@@ -67,7 +75,11 @@ def main() -> None:
         meter.close()
         response = meter.facts()
         assert response.usage is not None, folder.name
-        text_only = not any(f in meta["features"] for f in ("tool_calls", "reasoning"))
+        model = response.model or facts.model or ""
+        hidden = model.startswith(HIDDEN_REASONING)
+        text_only = not hidden and not any(
+            f in meta["features"] for f in ("tool_calls", "reasoning")
+        )
         exact = tokenizers.for_model(response.model or facts.model).exact
         in_err = error(facts.estimated_input, response.usage.input)
         out_err = error(response.estimated_output, response.usage.output)
@@ -76,11 +88,16 @@ def main() -> None:
             if not meta["provider"].startswith("openai")
             else f"openai {meta['endpoint']}"
         )
-        families[family].append((in_err, out_err, text_only and exact))
+        diff = (
+            None
+            if response.estimated_output is None
+            else response.estimated_output - response.usage.output
+        )
+        families[family].append((in_err, out_err, text_only and exact, diff))
         rows.append(
             f"| {folder.name} | {response.model} | {facts.estimated_input} | {response.usage.input} | "
             f"{pct(in_err)} | {response.estimated_output} | {response.usage.output} | {pct(out_err)} | "
-            f"{'yes' if text_only else 'no'} | {'yes' if exact else 'no'} |"
+            f"{'yes' if text_only else ('hidden reasoning' if hidden else 'no')} | {'yes' if exact else 'no'} |"
         )
 
     print(
@@ -90,17 +107,23 @@ def main() -> None:
     print("\n".join(rows))
     print()
     print(
-        "| provider family | cases | median abs. input error | median abs. output error | output error, text-only cases with the model's own tokenizer (max abs.) |"
+        "| provider family | cases | median abs. input error | median abs. output error | text-only output, model's own tokenizer: exact / off by one token / other |"
     )
     print("|---|---|---|---|---|")
     for family, values in sorted(families.items()):
         ins = sorted(abs(v[0]) for v in values if v[0] is not None)
         outs = sorted(abs(v[1]) for v in values if v[1] is not None)
-        exact = [abs(v[1]) for v in values if v[2] and v[1] is not None]
+        own = [v[3] for v in values if v[2] and v[3] is not None]
+        exact_cases = sum(1 for d in own if d == 0)
+        off_by_one = sum(1 for d in own if abs(d) == 1)
+        text = (
+            f"{exact_cases} / {off_by_one} / {len(own) - exact_cases - off_by_one}"
+            if own
+            else "none"
+        )
         print(
-            f"| {family} | {len(values)} | {pct(ins[len(ins) // 2]) if ins else 'n/a'} | "
-            f"{pct(outs[len(outs) // 2]) if outs else 'n/a'} | "
-            f"{pct(max(exact)) + f' ({len(exact)} cases)' if exact else 'none'} |"
+            f"| {family} | {len(values)} | {pct(ins[len(ins) // 2], False) if ins else 'n/a'} | "
+            f"{pct(outs[len(outs) // 2], False) if outs else 'n/a'} | {text} |"
         )
 
 

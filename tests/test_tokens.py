@@ -111,3 +111,17 @@ def test_missing_encoding_names_the_cache_and_the_fetch_command(
 
 def _no_network(blobpath: str) -> bytes:
     raise ConnectionError(f"no network for {blobpath}")
+
+
+def test_fetch_command_reports_failure_cleanly(tmp_path: os.PathLike[str]) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tallygate", "tokenizers", "fetch", "--dir", str(tmp_path),
+         "--encoding", "no_such_encoding"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: cannot download encodings")
+    assert "Traceback" not in done.stderr
