@@ -261,6 +261,7 @@ async def test_metering_fails_open_on_garbage(
     make_proxy: ProxyFactory,
     client: aiohttp.ClientSession,
     records: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     body = (
         b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
@@ -312,3 +313,21 @@ async def test_an_event_past_the_bound_stops_metering_not_the_stream(
         raw = await r.read()
         assert (gunzip(raw) if r.headers.get("Content-Encoding") else raw) == body
     assert records[-1]["metering_errors"] == {"framing": 1}
+
+
+async def test_estimates_off(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: list[dict[str, Any]],
+) -> None:
+    case = next(c for c in CASES if c.id.startswith("040"))
+    upstream.handler = replay(case)
+    running = await make_proxy(metering={"estimate": False})
+    async with client.post(
+        f"http://127.0.0.1:{running.proxy_port}{case.path}", data=case.request
+    ) as r:
+        await r.read()
+    record = records[-1]
+    assert record["tokens_source"] == "reported" and record["tokens"]["output"] == 5
+    assert record["estimated"] == {"input": None, "output": None, "exact_tokenizer": False}

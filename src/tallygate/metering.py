@@ -58,6 +58,7 @@ def read_request(
     tokenizers: Tokenizers | None,
     settings: MeteringSettings,
     errors: dict[str, int],
+    request_id: str = "",
 ) -> RequestFacts:
     facts = RequestFacts(body)
     if dialect == "none" or not body:
@@ -82,7 +83,7 @@ def read_request(
             facts.estimate_exact = chosen.exact
         except Exception:
             errors["prompt"] = errors.get("prompt", 0) + 1
-            log.exception("prompt estimate failed")
+            log.exception("request %s: prompt estimate failed", request_id)
     if settings.request_usage and facts.stream and dialect in _USAGE_OPTION_DIALECTS:
         options = request.get("stream_options")
         if options is None or (isinstance(options, dict) and "include_usage" not in options):
@@ -119,7 +120,9 @@ class ResponseMeter:
         requested_model: str | None,
         errors: dict[str, int],
         strip_usage_chunk: bool = False,
+        request_id: str = "",
     ) -> None:
+        self._request_id = request_id
         kind = media_type(content_type)
         self._framer: SseFramer | NdjsonFramer | None = None
         if kind == "text/event-stream":
@@ -216,8 +219,11 @@ class ResponseMeter:
 
     def _count_error(self, stage: str, error: Exception) -> None:
         self._errors[stage] = self._errors.get(stage, 0) + 1
-        if self._errors[stage] == 1:
-            log.warning("metering %s error: %s: %s", stage, type(error).__name__, error)
+        if self._errors[stage] == 1:  # once per request and stage; the count says the rest
+            log.warning(
+                "request %s: metering %s error: %s: %s",
+                self._request_id, stage, type(error).__name__, error,
+            )  # fmt: skip
 
     def output_estimate(self) -> int | None:
         """Output tokens counted so far; None when not estimated (off, or not an LLM API)."""

@@ -203,8 +203,9 @@ class Proxy:
             return await self._refuse(request, exchange, errors.too_large(limit), family)
 
         facts = read_request(
-            dialect, body, self.tokenizers, self.metering, exchange.metering_errors
-        )
+            dialect, body, self.tokenizers, self.metering, exchange.metering_errors,
+            exchange.request_id,
+        )  # fmt: skip
         exchange.request = facts
         peer = request.remote
         client = ClientSide(
@@ -341,6 +342,7 @@ class Proxy:
             facts.model if facts else None,
             exchange.metering_errors,
             strip_usage_chunk=bool(facts and facts.usage_requested) and status == 200 and plain,
+            request_id=exchange.request_id,
         )
         exchange.stream = meter.is_stream
         length = None if decoder or meter.strips else upstream_response.content_length
