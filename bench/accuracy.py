@@ -67,8 +67,9 @@ def main() -> None:
             dialect, request.read_bytes() if request.exists() else b"", tokenizers, settings, errors
         )
         meter = ResponseMeter(
-            dialect, meta["content_type"], tokenizers, settings, facts.model, errors
-        )
+            dialect, meta["content_type"], tokenizers, settings, facts.model, errors,
+            tools_offered=facts.tools_offered,
+        )  # fmt: skip
         body = (folder / "response.body").read_bytes()
         for i in range(0, len(body), 1460):  # one TCP segment at a time
             meter.feed(body[i : i + 1460])

@@ -331,3 +331,37 @@ async def test_estimates_off(
     record = records[-1]
     assert record["tokens_source"] == "reported" and record["tokens"]["output"] == 5
     assert record["estimated"] == {"input": None, "output": None, "exact_tokenizer": False}
+
+
+HIDDEN_REASONING = ("gpt-5", "o1", "o3", "o4")
+
+
+async def test_openai_text_only_output_estimates_are_within_2_percent(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: list[dict[str, Any]],
+) -> None:
+    """The issue's accuracy target, through the proxy: OpenAI models, text-only output (no tool
+    calls, no reasoning, no hidden reasoning), estimate within 2% of the reported count."""
+    running = await make_proxy()
+    checked = 0
+    for case in CASES:
+        model = case.meta["model"]["reported_in_stream"] or ""
+        if (
+            case.meta["provider"] != "openai"
+            or case.meta["usage"] is None
+            or model.startswith(HIDDEN_REASONING)
+            or {"tool_calls", "reasoning"} & set(case.meta["features"])
+        ):
+            continue
+        upstream.handler = replay(case)
+        async with client.post(
+            f"http://127.0.0.1:{running.proxy_port}{case.path}", data=case.request
+        ) as r:
+            await r.read()
+        record = records[-1]
+        reported, estimated = record["tokens"]["output"], record["estimated"]["output"]
+        assert abs(estimated - reported) <= 0.02 * reported, (case.id, estimated, reported)
+        checked += 1
+    assert checked == 10

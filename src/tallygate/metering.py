@@ -50,6 +50,7 @@ class RequestFacts:
     usage_requested: bool = False  # tallygate added include_usage: strip the usage-only chunk
     estimated_input: int | None = None
     estimate_exact: bool = False
+    tools_offered: bool = False
 
 
 def read_request(
@@ -72,6 +73,7 @@ def read_request(
         return facts
     model = request.get("model")
     facts.model = model if isinstance(model, str) else None
+    facts.tools_offered = bool(request.get("tools") or request.get("functions"))
     stream = request.get("stream")
     # Ollama streams unless told not to; the others only when asked.
     facts.stream = stream is not False if dialect.startswith("ollama") else stream is True
@@ -121,8 +123,10 @@ class ResponseMeter:
         errors: dict[str, int],
         strip_usage_chunk: bool = False,
         request_id: str = "",
+        tools_offered: bool = False,
     ) -> None:
         self._request_id = request_id
+        self._tools_offered = tools_offered
         kind = media_type(content_type)
         self._framer: SseFramer | NdjsonFramer | None = None
         if kind == "text/event-stream":
@@ -229,7 +233,19 @@ class ResponseMeter:
         """Output tokens counted so far; None when not estimated (off, or not an LLM API)."""
         if self._tokenizers is None or self._dialect == "none":
             return None
-        return sum(counter.total() for counter in self._counters.values())
+        return sum(counter.total() for counter in self._counters.values()) + self._end_tokens()
+
+    def _end_tokens(self) -> int:
+        """The end-of-turn token OpenAI bills with a finished text answer, though it is never
+        sent: always in the Responses API, and in Chat Completions when the request offered
+        tools (every text-only OpenAI case in the corpus shows it; none contradicts it)."""
+        if self._extractor.finish_reason is None:
+            return 0
+        if self._dialect == "openai_responses" or (
+            self._dialect == "openai_chat" and self._tools_offered
+        ):
+            return sum(1 for channel in self._counters if channel.startswith("content:"))
+        return 0
 
     def facts(self) -> ResponseFacts:
         extractor = self._extractor

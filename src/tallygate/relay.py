@@ -343,6 +343,7 @@ class Proxy:
             exchange.metering_errors,
             strip_usage_chunk=bool(facts and facts.usage_requested) and status == 200 and plain,
             request_id=exchange.request_id,
+            tools_offered=bool(facts and facts.tools_offered),
         )
         exchange.stream = meter.is_stream
         length = None if decoder or meter.strips else upstream_response.content_length
