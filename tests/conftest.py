@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import zlib
@@ -176,21 +177,37 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 ProxyFactory = Callable[..., Awaitable[Running]]
 
 
-@pytest.fixture
-def records() -> list[dict[str, Any]]:
+class RecordLog(list[dict[str, Any]]):
     """The usage records of the proxies a test started, as written to the access log."""
-    return []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._arrived = asyncio.Event()
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.append(record)
+        self._arrived.set()
+
+    async def wait_for(self, count: int) -> None:
+        """Until `count` records are in, 5 s at the most (a test that waits longer fails)."""
+        async with asyncio.timeout(5):
+            while len(self) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
 
 
 @pytest.fixture
-async def make_proxy(
-    upstream: FakeUpstream, records: list[dict[str, Any]]
-) -> AsyncIterator[ProxyFactory]:
+def records() -> RecordLog:
+    return RecordLog()
+
+
+@pytest.fixture
+async def make_proxy(upstream: FakeUpstream, records: RecordLog) -> AsyncIterator[ProxyFactory]:
     started: list[Running] = []
 
     async def factory(upstream_url: str | None = None, **overrides: Any) -> Running:
         config = config_for(upstream_url or upstream.url, **overrides)
-        running = await start(config, on_record=lambda exchange: records.append(exchange.record()))
+        running = await start(config, on_record=lambda exchange: records.add(exchange.record()))
         started.append(running)
         return running
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import CASES, Case, FakeUpstream, ProxyFactory, expected_usage, gunzip
+from conftest import CASES, Case, FakeUpstream, ProxyFactory, RecordLog, expected_usage, gunzip
 
 RECORD_FIELDS = {
     "ts", "request_id", "route", "upstream", "dialect", "method", "path", "status", "outcome",
@@ -211,7 +211,7 @@ def blocking_stream(case: Case, events_before_block: int, release: asyncio.Event
 async def test_client_disconnect_with_cancel_and_drain(
     upstream: FakeUpstream,
     make_proxy: ProxyFactory,
-    records: list[dict[str, Any]],
+    records: RecordLog,
     mode: str,
 ) -> None:
     case = next(c for c in CASES if c.id.startswith("048"))  # Anthropic, 171 output tokens

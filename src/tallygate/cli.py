@@ -73,6 +73,17 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hash_key(args: argparse.Namespace) -> int:
+    from .tenants import hash_key
+
+    key = args.key if args.key is not None else sys.stdin.readline().strip()
+    if not key:
+        print("error: no key given (pass it as an argument or on standard input)", file=sys.stderr)
+        return 1
+    print(hash_key(key))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tallygate",
@@ -105,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoding", action="append", help="an encoding to fetch (default: all tallygate uses)"
     )
     fetch.set_defaults(func=_fetch)
+
+    hashing = commands.add_parser(
+        "hash-key", help="print the SHA-256 of a client key, for tenants.<name>.keys"
+    )
+    hashing.add_argument(
+        "key", nargs="?", help="the key (default: read one line from standard input)"
+    )
+    hashing.set_defaults(func=_hash_key)
     return parser
 
 

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .pricing import EgressTier, TokenPrice, parse_token_price
+
 AuthHeader = Literal["authorization", "x-api-key"]
 AUTH_HEADERS: tuple[AuthHeader, ...] = ("authorization", "x-api-key")
 OnDisconnect = Literal["cancel", "drain"]
@@ -118,6 +120,36 @@ class Pool:
 @dataclass(frozen=True, slots=True)
 class Admin:
     listen: Listen = Listen("127.0.0.1", 9464)
+    metrics_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    max_models: int = 50  # distinct model label values; past them, `other`
+
+
+@dataclass(frozen=True, slots=True)
+class Egress:
+    usd_per_gb: float = 0.09
+    free_gb: float = 0.0
+    tiers: tuple[EgressTier, ...] = ()
+    directions: tuple[str, ...] = ("client_out", "upstream_out")
+    gb_bytes: int = 2**30
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    models: Mapping[str, TokenPrice] = field(default_factory=dict)
+    egress: Egress = Egress()
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    keys: tuple[str, ...] = field(default=(), repr=False)  # SHA-256 hex of tallygate-issued keys
+
+
+EGRESS_DIRECTIONS = ("client_in", "client_out", "upstream_out", "upstream_in")
 
 
 DEFAULT_LISTEN = Listen("127.0.0.1", 8080)
@@ -137,6 +169,11 @@ class Config:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     metering: Metering = Metering()
     access_log: str = "stdout"  # stdout, stderr, off, or a file path
+    metrics: Metrics = Metrics()
+    pricing: Pricing = Pricing()
+    tenants: Mapping[str, Tenant] = field(default_factory=dict)
+    tenant_header: str | None = None
+    require_key: bool = False  # auth.require_key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,8 +458,91 @@ def _read_routes(r: _Reader, raw: object, upstreams: Mapping[str, Upstream]) -> 
 
 _TOP_KEYS = [
     "listen", "admin", "upstreams", "routes", "compression", "limits", "pool", "trusted_proxies",
-    "shutdown_grace", "metering", "access_log",
+    "shutdown_grace", "metering", "access_log", "metrics", "pricing", "tenants", "tenant_header",
+    "auth",
 ]  # fmt: skip
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _read_pricing(r: _Reader, raw: object) -> Pricing:
+    m = r.mapping(raw, "pricing", ["models", "egress"])
+    models: dict[str, TokenPrice] = {}
+    raw_models = m.get("models") or {}
+    if not isinstance(raw_models, dict):
+        r.problems.append("pricing.models: expected a mapping of model names or globs to prices")
+        raw_models = {}
+    for name, spec in raw_models.items():
+        try:
+            models[str(name)] = parse_token_price(spec, f"pricing.models.{name}")
+        except ValueError as error:
+            r.problems.append(str(error))
+    e = r.mapping(m.get("egress"), "pricing.egress",
+                  ["usd_per_gb", "free_gb", "tiers", "directions", "gb_bytes"])  # fmt: skip
+    d = Egress()
+    tiers = []
+    for i, tier in enumerate(e.get("tiers") or []):
+        path = f"pricing.egress.tiers[{i}]"
+        t = r.mapping(tier, path, ["up_to_gb", "usd_per_gb"])
+        if "usd_per_gb" not in t:
+            r.problems.append(f"{path}.usd_per_gb: required")
+        up_to = r.value(t, "up_to_gb", path, _number, -1.0)
+        tiers.append(
+            EgressTier(None if up_to < 0 else up_to, r.value(t, "usd_per_gb", path, _number, 0.0))
+        )
+    bounded = [t.up_to_gb for t in tiers if t.up_to_gb is not None]
+    if bounded != sorted(bounded):
+        r.problems.append("pricing.egress.tiers: up_to_gb must increase from tier to tier")
+    directions = e.get("directions", list(d.directions))
+    if not isinstance(directions, list):
+        r.problems.append("pricing.egress.directions: expected a list")
+        directions = list(d.directions)
+    for i, direction in enumerate(directions):
+        if direction not in EGRESS_DIRECTIONS:
+            r.problems.append(
+                f"pricing.egress.directions[{i}]: expected one of {', '.join(EGRESS_DIRECTIONS)}, "
+                f"got {direction!r}"
+            )
+    return Pricing(
+        models=models,
+        egress=Egress(
+            usd_per_gb=r.value(e, "usd_per_gb", "pricing.egress", _number, d.usd_per_gb),
+            free_gb=r.value(e, "free_gb", "pricing.egress", _number, d.free_gb),
+            tiers=tuple(tiers),
+            directions=tuple(x for x in directions if x in EGRESS_DIRECTIONS),
+            gb_bytes=r.value(e, "gb_bytes", "pricing.egress", parse_size, d.gb_bytes),
+        ),
+    )
+
+
+def _read_tenants(r: _Reader, raw: object) -> dict[str, Tenant]:
+    tenants = {}
+    for name, spec in r.mapping(raw, "tenants", list(raw) if isinstance(raw, dict) else []).items():
+        path = f"tenants.{name}"
+        if str(name) in ("anonymous", "other"):
+            r.problems.append(f"{path}: the names anonymous and other are reserved")
+        t = r.mapping(spec, path, ["keys"])
+        keys = t.get("keys") or []
+        if not isinstance(keys, list) or not keys:
+            r.problems.append(
+                f"{path}.keys: expected a list of SHA-256 hashes (tallygate hash-key)"
+            )
+            keys = []
+        for i, key in enumerate(keys):
+            if not isinstance(key, str) or not _HEX64.match(key.removeprefix("sha256:")):
+                r.problems.append(
+                    f"{path}.keys[{i}]: expected a SHA-256 hex digest (tallygate hash-key), "
+                    "never the key itself"
+                )
+        tenants[str(name)] = Tenant(
+            str(name), tuple(k.removeprefix("sha256:").lower() for k in keys if isinstance(k, str))
+        )
+    return tenants
 
 
 def _read_metering(r: _Reader, raw: object) -> Metering:
@@ -470,7 +590,9 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
     upstreams = _read_upstreams(r, top.get("upstreams"))
     routes = _read_routes(r, top.get("routes"), upstreams)
 
-    admin_raw = r.mapping(top.get("admin"), "admin", ["listen"])
+    admin_raw = r.mapping(top.get("admin"), "admin", ["listen", "metrics_token"])
+    metrics_raw = r.mapping(top.get("metrics"), "metrics", ["max_models"])
+    auth_raw = r.mapping(top.get("auth"), "auth", ["require_key"])
     comp_raw = r.mapping(
         top.get("compression"), "compression", [f.name for f in fields(Compression)]
     )
@@ -493,7 +615,10 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
         upstreams=upstreams,
         routes=routes,
         listen=r.value(top, "listen", "", parse_listen, DEFAULT_LISTEN),
-        admin=Admin(listen=r.value(admin_raw, "listen", "admin", parse_listen, Admin().listen)),
+        admin=Admin(
+            listen=r.value(admin_raw, "listen", "admin", parse_listen, Admin().listen),
+            metrics_token=r.value(admin_raw, "metrics_token", "admin", _string, "") or None,
+        ),
         compression=Compression(
             gzip=r.value(comp_raw, "gzip", "compression", _bool, dc.gzip),
             level=r.value(comp_raw, "level", "compression", _int_in(1, 9), dc.level),
@@ -520,7 +645,18 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
         shutdown_grace=r.value(top, "shutdown_grace", "", parse_duration, DEFAULT_SHUTDOWN_GRACE),
         metering=_read_metering(r, top.get("metering")),
         access_log=r.value(top, "access_log", "", _string, "stdout"),
+        metrics=Metrics(
+            max_models=r.value(metrics_raw, "max_models", "metrics", _int_in(1, 10_000), 50)
+        ),
+        pricing=_read_pricing(r, top.get("pricing")),
+        tenants=_read_tenants(r, top.get("tenants")),
+        tenant_header=r.value(top, "tenant_header", "", _string, "") or None,
+        require_key=r.value(auth_raw, "require_key", "auth", _bool, False),
     )
+    if config.require_key and not config.tenants:
+        r.problems.append(
+            "auth.require_key: no tenants are configured, so every request would fail"
+        )
     if config.listen == config.admin.listen and config.listen.port != 0:
         r.problems.append(f"admin.listen: must differ from listen ({config.listen})")
     if r.problems:
@@ -556,9 +692,11 @@ def _plain(value: object, key: str = "") -> object:
         return {str(k): _plain(v) for k, v in value.items()}
     if key == "encodings" and isinstance(value, tuple):
         return dict(value)
+    if key == "require_key":
+        return value
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
-    if key == "api_key" and value:
+    if key in ("api_key", "metrics_token", "keys") and value:
         return MASK
     return value
 
@@ -567,4 +705,5 @@ def effective_config(config: Config) -> dict[str, Any]:
     """The configuration with defaults filled in and every secret masked."""
     plain = _plain(config)
     assert isinstance(plain, dict)
+    plain["auth"] = {"require_key": plain.pop("require_key")}
     return {key: plain[key] for key in _TOP_KEYS}

@@ -62,6 +62,12 @@ class ProxyError:
         )
 
 
+def unauthorized() -> ProxyError:
+    return ProxyError(
+        401, "a valid API key is required", "invalid_request_error", "invalid_api_key"
+    )
+
+
 def no_route(path: str) -> ProxyError:
     return ProxyError(404, f"no route for {path}", "invalid_request_error", "route_not_found")
 

@@ -77,6 +77,7 @@ def upstream_request_headers(
     client: ClientSide,
     api_key: str | None,
     auth_header: AuthHeader,
+    drop_client_credentials: bool = False,
 ) -> CIMultiDict[str]:
     headers = _end_to_end(client_headers, _REQUEST_RECOMPUTED)
     # The proxy reads the body plain (for metering) and compresses toward the client itself.
@@ -98,9 +99,10 @@ def upstream_request_headers(
     else:
         headers.popall("X-Forwarded-Host", None)
 
-    if api_key:
+    if api_key or drop_client_credentials:
         headers.popall("Authorization", None)
         headers.popall("x-api-key", None)
+    if api_key:
         if auth_header == "x-api-key":
             headers["x-api-key"] = api_key
         else:

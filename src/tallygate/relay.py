@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -36,7 +37,10 @@ from .dialects import Dialect, detect_dialect
 from .errors import ProxyError
 from .headers import ClientSide, client_response_headers, is_trusted, upstream_request_headers
 from .metering import MeteringSettings, ResponseMeter, read_request
+from .metrics import Metrics
+from .pricing import Costing
 from .routing import Router, upstream_url
+from .tenants import Tenants
 from .tokens import Tokenizers
 from .usage import Exchange, head_size
 
@@ -109,9 +113,18 @@ class Proxy:
         session: aiohttp.ClientSession,
         tokenizers: Tokenizers | None,
         access_log: AccessLog,
+        metrics: Metrics,
+        costing: Costing,
         on_record: Callable[[Exchange], None] | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
+        self.costing = costing
+        self.tenants = Tenants(
+            {name: tenant.keys for name, tenant in config.tenants.items()},
+            config.tenant_header,
+            config.require_key,
+        )
         self.session = session
         self.router = Router(config.routes)
         self.tokenizers = tokenizers
@@ -170,7 +183,17 @@ class Proxy:
                 exchange.status,
             )  # fmt: skip
         try:
-            self.access_log.write(exchange.record())
+            usage, _ = exchange.tokens()
+            model = exchange.model()
+            month = time.strftime("%Y-%m", time.gmtime(exchange.ts))
+            wire = {
+                "client_in": exchange.client_in, "client_out": exchange.client_out,
+                "upstream_out": exchange.upstream_out, "upstream_in": exchange.upstream_in,
+            }  # fmt: skip
+            exchange.cost = self.costing.cost(model, usage, wire, month)
+            record = exchange.record()
+            self.access_log.write(record)
+            self.metrics.observe(record, exchange.cost.model_key or model, exchange.error_reason)
             if self.on_record is not None:
                 self.on_record(exchange)
         except Exception:  # the record must never take the relay down
@@ -185,6 +208,13 @@ class Proxy:
         if not raw_target.startswith("/"):
             refusal = errors.not_a_proxy("a request target not starting with /")
             return await self._refuse(request, exchange, refusal, family)
+
+        peer = request.remote
+        trusted = is_trusted(peer, self.config.trusted_proxies)
+        identity = self.tenants.identify(request.headers, trusted)
+        if identity is None:
+            return await self._refuse(request, exchange, errors.unauthorized(), family)
+        exchange.tenant = identity.tenant
 
         path = raw_target.split("?", 1)[0]
         route = self.router.match(path)
@@ -207,16 +237,14 @@ class Proxy:
             exchange.request_id,
         )  # fmt: skip
         exchange.request = facts
-        peer = request.remote
         client = ClientSide(
-            peer=peer,
-            scheme=request.scheme,
-            host=request.headers.get("Host"),
-            trusted=is_trusted(peer, self.config.trusted_proxies),
+            peer=peer, scheme=request.scheme, host=request.headers.get("Host"), trusted=trusted
         )
         headers = upstream_request_headers(
-            request.headers, client, upstream.api_key, upstream.auth_header
-        )
+            request.headers, client, upstream.api_key, upstream.auth_header,
+            # A tallygate-issued key is ours: it never travels upstream.
+            drop_client_credentials=identity.by_key,
+        )  # fmt: skip
         return await self._forward(request, exchange, upstream, raw_target, headers, facts.body)
 
     async def _read_body(
@@ -263,12 +291,14 @@ class Proxy:
                 )  # fmt: skip
             except aiohttp.ServerTimeoutError:
                 exchange.outcome = "timeout"
+                exchange.error_reason = "connect_timeout"
                 refusal = errors.upstream_timeout(
                     upstream.name, "connect", upstream.timeouts.connect
                 )
                 return await self._refuse(request, exchange, refusal, family)
             except (aiohttp.ClientError, OSError) as error:
                 exchange.outcome = "upstream_error"
+                exchange.error_reason = "unreachable"
                 reason = _describe(error)
                 log.warning("upstream %s unreachable: %s", upstream.name, reason)
                 refusal = errors.upstream_unreachable(upstream.name, reason)
@@ -298,6 +328,7 @@ class Proxy:
                     self._client_gone(exchange, meter, upstream_response)
                 raise
             exchange.outcome = "timeout"
+            exchange.error_reason = f"{expired}_timeout"
             log.warning("upstream %s timed out (%s)", upstream.name, expired)
             if response is None or not response.prepared:
                 timed_out = errors.upstream_timeout(upstream.name, expired, watchdog.seconds())
@@ -306,6 +337,9 @@ class Proxy:
             return response
         finally:
             watchdog.stop()
+            if exchange.streaming_counted:
+                self.metrics.stream_ended(exchange.route)
+                exchange.streaming_counted = False
             if response is not None:
                 exchange.client_out = _output_size(response)
             if meter is not None and not exchange.detached:
@@ -324,6 +358,8 @@ class Proxy:
         """The client's response head, how its body is to be coded, and its meter."""
         status = upstream_response.status
         exchange.status = status
+        if status >= 500:
+            exchange.error_reason = "status_5xx"
         upstream_headers = upstream_response.headers
         content_type = upstream_headers.get("Content-Type")
         coding = upstream_headers.get("Content-Encoding", "").strip().lower()
@@ -346,6 +382,9 @@ class Proxy:
             tools_offered=bool(facts and facts.tools_offered),
         )
         exchange.stream = meter.is_stream
+        if meter.is_stream:
+            self.metrics.stream_started(exchange.route)
+            exchange.streaming_counted = True
         length = None if decoder or meter.strips else upstream_response.content_length
 
         encoder = None
@@ -399,6 +438,7 @@ class Proxy:
                     # The upstream broke mid-body. Deliver every byte it did send, then end the
                     # response as broken: never invent an end the upstream did not send.
                     exchange.outcome = "upstream_error"
+                    exchange.error_reason = "broken_body"
                     log.warning(
                         "upstream %s failed mid-body: %s", exchange.upstream, _describe(error)
                     )
@@ -428,6 +468,7 @@ class Proxy:
             if encoder is not None:
                 tail = encoder.feed(tail) + encoder.close()
             if tail:
+                exchange.client_out_body += len(tail)
                 await write(tail)
             await response.write_eof()
             if exchange.first_byte_at is None:
@@ -444,7 +485,9 @@ class Proxy:
         plain: bytes,
     ) -> None:
         exchange.client_out_uncompressed += len(plain)
-        await write(encoder.feed(plain) if encoder is not None else plain)
+        data = encoder.feed(plain) if encoder is not None else plain
+        exchange.client_out_body += len(data)
+        await write(data)
         if exchange.first_byte_at is None:
             exchange.first_byte_at = self._loop.time()
 

@@ -7,6 +7,7 @@ live on the admin listener so they are never exposed on the edge.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import socket
@@ -15,9 +16,13 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from .accesslog import AccessLog
-from .config import Config, Listen
+from .config import Config, Listen, effective_config
+from .metrics import Metrics, config_hash
+from .pricing import Costing, EgressPrice, default_price_table
 from .relay import Proxy
 from .tokens import Tokenizers
 from .usage import Exchange
@@ -71,9 +76,22 @@ class Running:
         log.info("stopped after %d requests", self.proxy.records)
 
 
-def _admin_app(proxy: Proxy) -> web.Application:
+def _admin_app(proxy: Proxy, registry: CollectorRegistry, token: str | None) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def metrics(request: web.Request) -> web.Response:
+        if token is not None:
+            presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(presented.encode(), token.encode()):
+                return web.json_response(
+                    {"error": "a bearer token is required"}, status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="tallygate metrics"'},
+                )  # fmt: skip
+        # OpenMetrics when the scraper asks for it, Prometheus text otherwise.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def readyz(_: web.Request) -> web.Response:
         if proxy.draining:
@@ -83,6 +101,7 @@ def _admin_app(proxy: Proxy) -> web.Application:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -121,7 +140,22 @@ async def start(
         tokenizers = load_tokenizers(config)
     session = new_session(config)
     access_log = AccessLog(config.access_log)
-    proxy = Proxy(config, session, tokenizers, access_log, on_record)
+    registry = CollectorRegistry()
+    metrics = Metrics(
+        registry,
+        routes=[route.path_prefix for route in config.routes],
+        upstreams=list(config.upstreams),
+        tenants=list(config.tenants),
+        max_models=config.metrics.max_models,
+        config_hash=config_hash(effective_config(config)),
+    )
+    egress = config.pricing.egress
+    costing = Costing(
+        default_price_table().merged(config.pricing.models),
+        EgressPrice(egress.usd_per_gb, egress.free_gb, egress.tiers, egress.gb_bytes),
+        egress.directions,
+    )
+    proxy = Proxy(config, session, tokenizers, access_log, metrics, costing, on_record)
 
     server = web.Server(
         proxy.handle,
@@ -137,7 +171,8 @@ async def start(
     proxy_sock = bind(config.listen)
     await web.SockSite(proxy_runner, proxy_sock).start()
 
-    admin_runner = web.AppRunner(_admin_app(proxy), access_log=None, shutdown_timeout=1.0)
+    admin_app = _admin_app(proxy, registry, config.admin.metrics_token)
+    admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1.0)
     await admin_runner.setup()
     admin_sock = bind(config.admin.listen)
     await web.SockSite(admin_runner, admin_sock).start()

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from .dialects import Usage
 from .metering import RequestFacts, ResponseFacts
+from .pricing import COST_KINDS, Cost
 
 Outcome = Literal["ok", "client_disconnect", "upstream_error", "timeout", "rejected", "shutdown"]
 TokensSource = Literal["reported", "estimated", "mixed", "none"]
@@ -55,6 +56,10 @@ class Exchange:
     delivered_output_tokens: int | None = None
     metering_errors: dict[str, int] = field(default_factory=dict)
     detached: bool = False  # handed to a drain task, which writes the record
+    client_out_body: int = 0  # response body bytes as sent (after gzip)
+    error_reason: str | None = None  # why the upstream failed (metrics' reason label)
+    streaming_counted: bool = False  # in tallygate_streams_active
+    cost: Cost | None = None
 
     def tokens(self) -> tuple[Usage, TokensSource]:
         """Reported usage when the stream reported it whole; estimates where it did not."""
@@ -75,11 +80,16 @@ class Exchange:
             return Usage(estimated_in or 0, estimated_out or 0), "estimated"
         return Usage(), "none"
 
+    def model(self) -> str | None:
+        """The model the upstream reported, else the one requested."""
+        reported = self.response.model if self.response else None
+        return reported or (self.request.model if self.request else None)
+
     def record(self) -> dict[str, Any]:
         request, response = self.request, self.response
         usage, source = self.tokens()
         ended = self.ended if self.ended is not None else self.started
-        model = (response.model if response else None) or (request.model if request else None)
+        model = self.model()
         return {
             "ts": _iso(self.ts),
             "request_id": self.request_id,
@@ -118,13 +128,25 @@ class Exchange:
                 "upstream_in": self.upstream_in,
             },
             "client_out_uncompressed": self.client_out_uncompressed,
+            "compression_saved_bytes": self.compression_saved(),
             "encoding": self.encoding,
+            "cost_usd": dict(self.cost.usd if self.cost else _NO_COST),
+            "priced_as": self.cost.model_key if self.cost else None,
+            "unpriced_tokens": self.cost.unpriced_tokens if self.cost else 0,
             "timings": {
                 "ttfb_s": _since(self.started, self.first_byte_at),
                 "ttft_s": _since(self.started, self.first_token_at),
                 "duration_s": round(ended - self.started, 6),
             },
         }
+
+    def compression_saved(self) -> int:
+        if self.encoding != "gzip":
+            return 0
+        return max(0, self.client_out_uncompressed - self.client_out_body)
+
+
+_NO_COST = {**dict.fromkeys(COST_KINDS, 0.0), "total": 0.0}
 
 
 def _since(start: float, moment: float | None) -> float | None:

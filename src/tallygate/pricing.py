@@ -1,0 +1,231 @@
+"""What tokens and traffic cost, in USD. Pure arithmetic on values; the price table is read once.
+
+Token prices are USD per 1M tokens. Egress is priced per GB (`gb_bytes` bytes, 2^30 by default)
+in monthly volume tiers after a monthly free allowance; the month-to-date volume is state the
+caller keeps (see `EgressMeter`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from .dialects import Usage
+
+PER_MILLION = 1_000_000
+TOKEN_KINDS = ("input", "output", "cached_input", "cache_write_input")
+COST_KINDS = (*TOKEN_KINDS, "egress")
+
+# Model names carry dates and versions the table leaves out: gpt-4o-2024-08-06, claude-3-5-sonnet-
+# 20240620, claude-sonnet-4-5-20250929, gpt-4o-mini-2024-07-18. The longest table name that the
+# reported name starts with (at a `-` boundary) wins, so gpt-4o-mini is not priced as gpt-4o.
+_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPrice:
+    input: float
+    output: float
+    cached_input: float | None = None
+    cache_write_input: float | None = None
+
+    def cost(self, usage: Usage) -> dict[str, float]:
+        """USD by kind. `usage.input` includes cached and cache-written tokens (normalized)."""
+        cached = usage.cached_input
+        written = usage.cache_write_input
+        fresh = max(0, usage.input - cached - written)
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        write_price = self.input if self.cache_write_input is None else self.cache_write_input
+        return {
+            "input": fresh * self.input / PER_MILLION,
+            "output": usage.output * self.output / PER_MILLION,
+            "cached_input": cached * cached_price / PER_MILLION,
+            "cache_write_input": written * write_price / PER_MILLION,
+        }
+
+
+class PriceTable:
+    def __init__(self, prices: Mapping[str, TokenPrice], date: str = "", source: str = "") -> None:
+        self._exact = {k.lower(): (k, v) for k, v in prices.items() if not _is_glob(k)}
+        self._globs = [(k.lower(), k, v) for k, v in prices.items() if _is_glob(k)]
+        self.date, self.source = date, source
+        self._cache: dict[str, tuple[str, TokenPrice] | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._exact) + len(self._globs)
+
+    def entries(self) -> dict[str, TokenPrice]:
+        return {**{k: v for k, v in self._exact.values()}, **{k: v for _, k, v in self._globs}}
+
+    def lookup(self, model: str | None) -> tuple[str, TokenPrice] | None:
+        """(pricing key, price) for a model name as the upstream reports it, or None."""
+        if not model:
+            return None
+        if model in self._cache:
+            return self._cache[model]
+        found = self._find(model)
+        if len(self._cache) < 4096:  # names come from upstreams and clients: bounded
+            self._cache[model] = found
+        return found
+
+    def _find(self, model: str) -> tuple[str, TokenPrice] | None:
+        name = model.lower()
+        candidates = [name, name.rsplit("/", 1)[-1]]  # openai/gpt-4o, anthropic/claude-...
+        for candidate in candidates:
+            if candidate in self._exact:
+                return self._exact[candidate]
+            best = None
+            for key, entry in self._exact.items():
+                if candidate.startswith(key + "-") and (best is None or len(key) > len(best[0])):
+                    best = (key, entry)
+            if best is not None and _only_version_follows(candidate, best[0]):
+                return best[1]
+            for glob, key, price in self._globs:
+                if fnmatch.fnmatchcase(candidate, glob):
+                    return key, price
+        return None
+
+    def merged(self, overrides: Mapping[str, TokenPrice]) -> PriceTable:
+        return PriceTable({**self.entries(), **overrides}, self.date, self.source)
+
+
+def _is_glob(key: str) -> bool:
+    return any(c in key for c in "*?[")
+
+
+def _only_version_follows(name: str, key: str) -> bool:
+    """`gpt-4o-2024-08-06` is gpt-4o; `gpt-4o-audio-preview` is not priced as gpt-4o."""
+    rest = name[len(key) :]
+    return bool(_DATE_SUFFIX.fullmatch(rest)) or rest[1:].replace("-", "").isdigit()
+
+
+def parse_token_price(raw: object, path: str) -> TokenPrice:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping with input and output prices")
+    unknown = set(raw) - set(TOKEN_KINDS)
+    if unknown:
+        raise ValueError(
+            f"{path}.{sorted(unknown)[0]}: unknown key (known: {', '.join(TOKEN_KINDS)})"
+        )
+    values: dict[str, float | None] = {}
+    for kind in TOKEN_KINDS:
+        value = raw.get(kind)
+        if value is None:
+            if kind in ("input", "output"):
+                raise ValueError(f"{path}.{kind}: required")
+            values[kind] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"{path}.{kind}: expected USD per 1M tokens (a number >= 0)")
+        values[kind] = float(value)
+    return TokenPrice(
+        input=values["input"] or 0.0,
+        output=values["output"] or 0.0,
+        cached_input=values["cached_input"],
+        cache_write_input=values["cache_write_input"],
+    )
+
+
+def default_price_table() -> PriceTable:
+    """The table shipped in tallygate/data/prices.yaml."""
+    text = resources.files("tallygate").joinpath("data/prices.yaml").read_text(encoding="utf-8")
+    document: dict[str, Any] = yaml.safe_load(text)
+    prices = {
+        str(name): parse_token_price(raw, f"models.{name}")
+        for name, raw in document["models"].items()
+    }
+    return PriceTable(prices, str(document.get("date", "")), str(document.get("source", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class EgressTier:
+    up_to_gb: float | None  # cumulative monthly volume where this tier ends; None: no end
+    usd_per_gb: float
+
+
+@dataclass(frozen=True, slots=True)
+class EgressPrice:
+    """Tiered by monthly volume: after `free_gb`, the tiers in order (or `usd_per_gb` flat)."""
+
+    usd_per_gb: float = 0.09
+    free_gb: float = 0.0
+    tiers: tuple[EgressTier, ...] = ()
+    gb_bytes: int = 2**30
+
+    def cost(self, month_to_date_bytes: int, new_bytes: int) -> float:
+        """USD for `new_bytes` more, given what the month has carried so far."""
+        if new_bytes <= 0:
+            return 0.0
+        start = month_to_date_bytes / self.gb_bytes
+        end = (month_to_date_bytes + new_bytes) / self.gb_bytes
+        return sum(
+            (min(end, high) - max(start, low)) * price
+            for low, high, price in self._bands()
+            if end > low and start < high
+        )
+
+    def _bands(self) -> Iterable[tuple[float, float, float]]:
+        low = 0.0
+        if self.free_gb > 0:
+            yield 0.0, self.free_gb, 0.0
+            low = self.free_gb
+        for tier in self.tiers:
+            high = float("inf") if tier.up_to_gb is None else tier.up_to_gb
+            if high > low:
+                yield low, high, tier.usd_per_gb
+                low = high
+        if low != float("inf"):
+            yield low, float("inf"), self.usd_per_gb
+
+
+class EgressMeter:
+    """The month-to-date egress volume of this process, and the cost of each new transfer.
+
+    The clock is the caller's (a `YYYY-MM` key), so the arithmetic stays testable.
+    """
+
+    def __init__(self, price: EgressPrice) -> None:
+        self.price = price
+        self.month = ""
+        self.month_bytes = 0
+
+    def charge(self, month: str, new_bytes: int) -> float:
+        if month != self.month:
+            self.month, self.month_bytes = month, 0
+        cost = self.price.cost(self.month_bytes, new_bytes)
+        self.month_bytes += new_bytes
+        return cost
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    model_key: str | None  # the pricing key the model matched, None when unpriced
+    usd: dict[str, float]  # by COST_KINDS, plus "total"
+    unpriced_tokens: int
+
+
+class Costing:
+    """Prices one exchange's tokens and traffic."""
+
+    def __init__(self, table: PriceTable, egress: EgressPrice, directions: Iterable[str]) -> None:
+        self.table = table
+        self.egress = EgressMeter(egress)
+        self.directions = tuple(directions)
+
+    def cost(self, model: str | None, usage: Usage, wire: Mapping[str, int], month: str) -> Cost:
+        found = self.table.lookup(model)
+        usd = dict.fromkeys(COST_KINDS, 0.0)
+        unpriced = 0
+        if found is None:
+            unpriced = usage.input + usage.output
+        else:
+            usd.update(found[1].cost(usage))
+        usd["egress"] = self.egress.charge(month, sum(wire[d] for d in self.directions))
+        usd["total"] = sum(usd[kind] for kind in COST_KINDS)
+        return Cost(found[0] if found else None, usd, unpriced)

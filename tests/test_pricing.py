@@ -1,0 +1,131 @@
+"""Cost arithmetic: token prices, the shipped table, egress tiers and directions."""
+
+from __future__ import annotations
+
+import pytest
+
+from tallygate.dialects import Usage
+from tallygate.pricing import (
+    Costing,
+    EgressMeter,
+    EgressPrice,
+    EgressTier,
+    PriceTable,
+    TokenPrice,
+    default_price_table,
+)
+
+GIB = 2**30
+
+
+def test_shipped_price_table_loads_and_every_entry_is_valid() -> None:
+    table = default_price_table()
+    assert table.date and table.source
+    assert len(table) >= 20
+    for name, price in table.entries().items():
+        assert price.input > 0 and price.output >= price.input, name
+        for cached in (price.cached_input, price.cache_write_input):
+            assert cached is None or cached > 0, name
+        if price.cached_input is not None:
+            assert price.cached_input < price.input, name
+
+
+@pytest.mark.parametrize(
+    ("reported", "key"),
+    [
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("gpt-4.1-nano-2025-04-14", "gpt-4.1-nano"),
+        ("gpt-5-2025-08-07", "gpt-5"),
+        ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
+        ("claude-3-5-sonnet-20240620", "claude-3-5-sonnet"),
+        ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("claude-sonnet-4-20250514", "claude-sonnet-4"),
+        ("claude-3-haiku-20240307", "claude-3-haiku"),
+        ("anthropic/claude-sonnet-4.5", None),
+        ("gpt-4o-audio-preview", None),
+        ("llama3-8b-8192", None),
+        (None, None),
+    ],
+)
+def test_reported_names_find_their_price(reported: str | None, key: str | None) -> None:
+    found = default_price_table().lookup(reported)
+    assert (found[0] if found else None) == key
+
+
+def test_token_cost_with_cache() -> None:
+    price = TokenPrice(input=3.0, output=15.0, cached_input=0.3, cache_write_input=3.75)
+    # input 1,000,000 of which 200,000 cache reads and 100,000 cache writes
+    cost = price.cost(
+        Usage(input=1_000_000, output=100_000, cached_input=200_000, cache_write_input=100_000)
+    )
+    assert cost == pytest.approx(
+        {"input": 2.1, "output": 1.5, "cached_input": 0.06, "cache_write_input": 0.375}
+    )
+    # Without cache prices, cached tokens cost the input price.
+    assert TokenPrice(1.0, 2.0).cost(Usage(input=10, cached_input=10))[
+        "cached_input"
+    ] == pytest.approx(1e-5)
+
+
+def test_overrides_and_globs() -> None:
+    table = default_price_table().merged(
+        {"ft:gpt-4o-mini*": TokenPrice(0.3, 1.2), "gpt-4o": TokenPrice(1, 1)}
+    )
+    assert table.lookup("ft:gpt-4o-mini-2024-07-18:acme::abc") == (
+        "ft:gpt-4o-mini*",
+        TokenPrice(0.3, 1.2),
+    )
+    assert table.lookup("gpt-4o-2024-08-06") == ("gpt-4o", TokenPrice(1, 1))
+
+
+def test_egress_flat_and_free_allowance() -> None:
+    flat = EgressPrice(usd_per_gb=0.09)
+    assert flat.cost(0, GIB) == pytest.approx(0.09)
+    assert flat.cost(5 * GIB, GIB // 2) == pytest.approx(0.045)
+    free = EgressPrice(usd_per_gb=0.09, free_gb=100)
+    assert free.cost(0, 100 * GIB) == 0
+    assert free.cost(99 * GIB, 2 * GIB) == pytest.approx(0.09)
+    assert EgressPrice(gb_bytes=10**9).cost(0, 10**9) == pytest.approx(0.09)
+
+
+def test_egress_tiers_by_monthly_volume() -> None:
+    tiers = EgressPrice(
+        usd_per_gb=0.05,
+        free_gb=100,
+        tiers=(EgressTier(10_240, 0.09), EgressTier(51_200, 0.085), EgressTier(153_600, 0.07)),
+    )
+    # A transfer that spans the free allowance and the first two tiers.
+    cost = tiers.cost(0, 20_000 * GIB)
+    assert cost == pytest.approx((10_240 - 100) * 0.09 + (20_000 - 10_240) * 0.085)
+    assert tiers.cost(200_000 * GIB, GIB) == pytest.approx(0.05)
+    # Split into many small transfers, the total is the same.
+    meter = EgressMeter(tiers)
+    total = sum(meter.charge("2026-11", 1000 * GIB) for _ in range(20))
+    assert total == pytest.approx(cost)
+    # A new month starts from zero.
+    assert meter.charge("2026-12", 50 * GIB) == 0
+
+
+def test_costing_uses_only_the_configured_directions() -> None:
+    wire = {"client_in": 1000, "client_out": GIB, "upstream_out": GIB // 4, "upstream_in": 5 * GIB}
+    edge = Costing(PriceTable({}), EgressPrice(0.08), ["client_out", "upstream_out"])
+    sidecar = Costing(PriceTable({}), EgressPrice(0.08), ["upstream_out"])
+    assert edge.cost(None, Usage(), wire, "2026-11").usd["egress"] == pytest.approx(0.1)
+    assert sidecar.cost(None, Usage(), wire, "2026-11").usd["egress"] == pytest.approx(0.02)
+
+
+def test_unknown_models_cost_nothing_and_are_counted() -> None:
+    costing = Costing(default_price_table(), EgressPrice(0.0), [])
+    cost = costing.cost(
+        "mystery-model-7b",
+        Usage(input=100, output=50),
+        dict.fromkeys(("client_out",), 0),
+        "2026-11",
+    )
+    assert cost.model_key is None and cost.unpriced_tokens == 150 and cost.usd["total"] == 0
+    priced = costing.cost(
+        "gpt-4o-mini-2024-07-18", Usage(input=1_000_000, output=1_000_000), {}, "2026-11"
+    )
+    assert priced.model_key == "gpt-4o-mini"
+    assert priced.usd["total"] == pytest.approx(0.15 + 0.60)
