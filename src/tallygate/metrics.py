@@ -8,11 +8,15 @@ No I/O: the admin listener exposes the registry.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections.abc import Iterable
+from itertools import accumulate
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .pricing import COST_KINDS
@@ -93,7 +97,57 @@ ERROR_RATIO_BUCKETS = (
 NO_MODEL = "none"
 
 
+class _Family:
+    """One metric family's values, keyed by label values. Updated on the event loop thread only,
+    and read by the scrape on that same thread: no locks, a dict update per change."""
+
+    __slots__ = ("buckets", "help", "kind", "labels", "name", "values")
+
+    def __init__(
+        self, name: str, help: str, labels: tuple[str, ...], kind: str,
+        buckets: tuple[float, ...] = (),
+    ) -> None:  # fmt: skip
+        self.name, self.help, self.labels, self.kind = name, help, labels, kind
+        self.buckets = buckets
+        self.values: dict[tuple[str, ...], Any] = {}
+
+    def touch(self, key: tuple[str, ...]) -> None:
+        if key not in self.values:
+            self.values[key] = [0] * (len(self.buckets) + 1) + [0.0] if self.buckets else 0.0
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        """Buckets are kept per bucket (not cumulative) and made cumulative at scrape time."""
+        counts = self.values.get(key)
+        if counts is None:
+            counts = self.values[key] = [0] * (len(self.buckets) + 1) + [0.0]
+        counts[bisect_left(self.buckets, value)] += 1
+        counts[-1] += value
+
+    def family(self) -> Any:
+        if self.kind == "counter":
+            counter = CounterMetricFamily(self.name, self.help, labels=self.labels)
+            for key, value in self.values.items():
+                counter.add_metric(key, value)
+            return counter
+        if self.kind == "gauge":
+            gauge = GaugeMetricFamily(self.name, self.help, labels=self.labels)
+            for key, value in self.values.items():
+                gauge.add_metric(key, value)
+            return gauge
+        histogram = HistogramMetricFamily(self.name, self.help, labels=self.labels)
+        bounds = [*(floatToGoString(b) for b in self.buckets), "+Inf"]  # type: ignore[no-untyped-call]
+        for key, counts in self.values.items():
+            cumulative = list(accumulate(counts[:-1]))
+            histogram.add_metric(key, list(zip(bounds, cumulative, strict=True)), counts[-1])
+        return histogram
+
+
 class Metrics:
+    """The metric families, and the one place that moves them."""
+
     def __init__(
         self,
         registry: CollectorRegistry,
@@ -107,96 +161,127 @@ class Metrics:
         self._max_models = max_models
         self._models: set[str] = set()
         self._tenants = frozenset(tenants)
-        self._children: dict[tuple[Any, ...], Any] = {}
-        r = registry
-        self.requests = Counter(
-            "tallygate_requests", "Requests, by how they ended.",
-            ["route", "upstream", "model", "tenant", "code", "outcome"], registry=r,
-        )  # fmt: skip
-        self.duration = Histogram(
+        f = _Family
+        self.requests = f(
+            "tallygate_requests",
+            "Requests, by how they ended.",
+            ("route", "upstream", "model", "tenant", "code", "outcome"),
+            "counter",
+        )
+        self.duration = f(
             "tallygate_request_duration_seconds",
             "From the request's arrival to the end of its response.",
-            ["route", "upstream", "model"], buckets=DURATION_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.ttft = Histogram(
+            ("route", "upstream", "model"),
+            "histogram",
+            DURATION_BUCKETS,
+        )
+        self.ttft = f(
             "tallygate_time_to_first_token_seconds",
             "From the request's arrival to the first output text sent.",
-            ["route", "upstream", "model"], buckets=TTFT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.tpot = Histogram(
+            ("route", "upstream", "model"),
+            "histogram",
+            TTFT_BUCKETS,
+        )
+        self.tpot = f(
             "tallygate_time_per_output_token_seconds",
             "(duration - time to first token) / (output tokens - 1), streams only.",
-            ["upstream", "model"], buckets=TPOT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.tokens = Counter(
-            "tallygate_tokens", "Tokens, reported by the provider or estimated by tallygate.",
-            ["upstream", "model", "tenant", "type", "source"], registry=r,
-        )  # fmt: skip
-        self.estimate_error = Histogram(
-            "tallygate_token_estimate_error_ratio", "(estimated - reported) / reported.",
-            ["model", "type"], buckets=ERROR_RATIO_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.bytes = Counter(
-            "tallygate_bytes", "Bytes on the wire, as in the usage records.",
-            ["direction", "upstream", "tenant"], registry=r,
-        )  # fmt: skip
-        self.saved = Counter(
-            "tallygate_compression_saved_bytes", "Response body bytes gzip kept off the wire.",
-            ["tenant"], registry=r,
-        )  # fmt: skip
-        self.cost = Counter(
-            "tallygate_cost_usd", "What tokens and egress cost, in USD.",
-            ["upstream", "model", "tenant", "kind"], registry=r,
-        )  # fmt: skip
-        self.streams_active = Gauge(
-            "tallygate_streams_active", "Responses being relayed now.", ["route"], registry=r,
-            multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.disconnects = Counter(
-            "tallygate_client_disconnects", "Clients that left before their response ended.",
-            ["route"], registry=r,
-        )  # fmt: skip
-        self.upstream_errors = Counter(
-            "tallygate_upstream_errors", "Upstream failures, by reason.",
-            ["upstream", "reason"], registry=r,
-        )  # fmt: skip
-        self.metering_errors = Counter(
-            "tallygate_metering_errors", "Metering problems (the relay went on), by stage.",
-            ["stage"], registry=r,
-        )  # fmt: skip
-        self.unpriced = Counter(
-            "tallygate_unpriced_tokens", "Tokens of models without a price (costed at 0).",
-            ["model"], registry=r,
-        )  # fmt: skip
-        Gauge("tallygate_build_info", "tallygate's version.", ["version"], registry=r,
-              multiprocess_mode="max").labels(__version__).set(1)  # fmt: skip
-        Gauge("tallygate_config_info", "A hash of the effective configuration.", ["hash"],
-              registry=r, multiprocess_mode="max").labels(config_hash).set(1)  # fmt: skip
+            ("upstream", "model"),
+            "histogram",
+            TPOT_BUCKETS,
+        )
+        self.tokens = f(
+            "tallygate_tokens",
+            "Tokens, reported by the provider or estimated.",
+            ("upstream", "model", "tenant", "type", "source"),
+            "counter",
+        )
+        self.estimate_error = f(
+            "tallygate_token_estimate_error_ratio",
+            "(estimated - reported) / reported.",
+            ("model", "type"),
+            "histogram",
+            ERROR_RATIO_BUCKETS,
+        )
+        self.bytes = f(
+            "tallygate_bytes",
+            "Bytes on the wire, as in the usage records.",
+            ("direction", "upstream", "tenant"),
+            "counter",
+        )
+        self.saved = f(
+            "tallygate_compression_saved_bytes",
+            "Response body bytes gzip kept off the wire.",
+            ("tenant",),
+            "counter",
+        )
+        self.cost = f(
+            "tallygate_cost_usd",
+            "What tokens and egress cost, in USD.",
+            ("upstream", "model", "tenant", "kind"),
+            "counter",
+        )
+        self.streams_active = f(
+            "tallygate_streams_active", "Responses being relayed now.", ("route",), "gauge"
+        )
+        self.disconnects = f(
+            "tallygate_client_disconnects",
+            "Clients that left before their response ended.",
+            ("route",),
+            "counter",
+        )
+        self.upstream_errors = f(
+            "tallygate_upstream_errors",
+            "Upstream failures, by reason.",
+            ("upstream", "reason"),
+            "counter",
+        )
+        self.metering_errors = f(
+            "tallygate_metering_errors",
+            "Metering problems (the relay went on), by stage.",
+            ("stage",),
+            "counter",
+        )
+        self.unpriced = f(
+            "tallygate_unpriced_tokens",
+            "Tokens of models without a price (costed at 0).",
+            ("model",),
+            "counter",
+        )
+        build = f("tallygate_build_info", "tallygate's version.", ("version",), "gauge")
+        build.values[(__version__,)] = 1.0
+        config = f(
+            "tallygate_config_info", "A hash of the effective configuration.", ("hash",), "gauge"
+        )
+        config.values[(config_hash,)] = 1.0
+        self.families = [
+            self.requests, self.duration, self.ttft, self.tpot, self.tokens, self.estimate_error,
+            self.bytes, self.saved, self.cost, self.streams_active, self.disconnects,
+            self.upstream_errors, self.metering_errors, self.unpriced, build, config,
+        ]  # fmt: skip
         self._export_zeros(list(routes), list(upstreams))
+        registry.register(self)
+
+    def collect(self) -> Iterable[Any]:
+        """For prometheus_client's exposition (the scrape)."""
+        for family in self.families:
+            yield family.family()
 
     def _export_zeros(self, routes: list[str], upstreams: list[str]) -> None:
         """Known label combinations exist from the start, so rates and alerts see 0, not nothing."""
         tenants = [*self._tenants, ANONYMOUS]
         for route in routes:
-            self.streams_active.labels(route)
-            self.disconnects.labels(route)
+            self.streams_active.touch((route,))
+            self.disconnects.touch((route,))
         for upstream in upstreams:
             for reason in ERROR_REASONS:
-                self.upstream_errors.labels(upstream, reason)
+                self.upstream_errors.touch((upstream, reason))
             for tenant in tenants:
                 for direction in DIRECTIONS:
-                    self.bytes.labels(direction, upstream, tenant)
+                    self.bytes.touch((direction, upstream, tenant))
         for tenant in tenants:
-            self.saved.labels(tenant)
+            self.saved.touch((tenant,))
         for stage in METERING_STAGES:
-            self.metering_errors.labels(stage)
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+            self.metering_errors.touch((stage,))
 
     def model_label(self, name: str | None) -> str:
         """The pricing key or model name, bounded to `max_models` distinct values."""
@@ -213,25 +298,25 @@ class Metrics:
         return tenant if tenant in self._tenants or tenant == ANONYMOUS else OTHER
 
     def stream_started(self, route: str) -> None:
-        self._child(self.streams_active, route).inc()
+        self.streams_active.inc((route,))
 
     def stream_ended(self, route: str) -> None:
-        self._child(self.streams_active, route).dec()
+        self.streams_active.inc((route,), -1.0)
 
     def observe(
         self, record: dict[str, Any], model_key: str | None, error_reason: str | None
     ) -> None:
         """Move every metric by what one usage record says."""
-        child = self._child
         route, upstream = record["route"], record["upstream"]
         model = self.model_label(model_key)
         tenant = self.tenant_label(record["tenant"])
         outcome = record["outcome"]
-        child(self.requests, route, upstream, model, tenant, str(record["status"]), outcome).inc()
+        self.requests.inc((route, upstream, model, tenant, str(record["status"]), outcome))
         timings = record["timings"]
-        child(self.duration, route, upstream, model).observe(timings["duration_s"])
+        where = (route, upstream, model)
+        self.duration.observe(where, timings["duration_s"])
         if timings["ttft_s"] is not None:
-            child(self.ttft, route, upstream, model).observe(timings["ttft_s"])
+            self.ttft.observe(where, timings["ttft_s"])
         tokens = record["tokens"]
         source = record["tokens_source"]
         if source != "none":
@@ -241,33 +326,33 @@ class Metrics:
                     kind_source = "estimated" if source == "estimated" or (
                         source == "mixed" and kind in ("output", "reasoning")
                     ) else "reported"  # fmt: skip
-                    child(self.tokens, upstream, model, tenant, kind, kind_source).inc(value)
+                    self.tokens.inc((upstream, model, tenant, kind, kind_source), value)
         if record["stream"] and timings["ttft_s"] is not None and tokens["output"] > 1:
             per_token = (timings["duration_s"] - timings["ttft_s"]) / (tokens["output"] - 1)
-            child(self.tpot, upstream, model).observe(per_token)
+            self.tpot.observe((upstream, model), per_token)
         if source == "reported":
             estimated = record["estimated"]
             for kind in ("input", "output"):
                 if estimated[kind] is not None and tokens[kind]:
                     ratio = (estimated[kind] - tokens[kind]) / tokens[kind]
-                    child(self.estimate_error, model, kind).observe(ratio)
+                    self.estimate_error.observe((model, kind), ratio)
         for direction, value in record["bytes"].items():
             if value:
-                child(self.bytes, direction, upstream, tenant).inc(value)
+                self.bytes.inc((direction, upstream, tenant), value)
         if record["compression_saved_bytes"]:
-            child(self.saved, tenant).inc(record["compression_saved_bytes"])
+            self.saved.inc((tenant,), record["compression_saved_bytes"])
+        costs = record["cost_usd"]
         for kind in COST_KINDS:
-            value = record["cost_usd"][kind]
-            if value:
-                child(self.cost, upstream, model, tenant, kind).inc(value)
+            if costs[kind]:
+                self.cost.inc((upstream, model, tenant, kind), costs[kind])
         if record["unpriced_tokens"]:
-            child(self.unpriced, model).inc(record["unpriced_tokens"])
+            self.unpriced.inc((model,), record["unpriced_tokens"])
         if outcome == "client_disconnect":
-            child(self.disconnects, route).inc()
+            self.disconnects.inc((route,))
         if error_reason is not None:
-            child(self.upstream_errors, upstream, error_reason).inc()
+            self.upstream_errors.inc((upstream, error_reason))
         for stage, count in record["metering_errors"].items():
-            child(self.metering_errors, stage).inc(count)
+            self.metering_errors.inc((stage,), count)
 
 
 def config_hash(effective: dict[str, Any]) -> str:
