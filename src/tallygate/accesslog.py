@@ -4,10 +4,10 @@ never blocks the event loop. A failing sink is counted and reported; the relay g
 from __future__ import annotations
 
 import logging
+import os
 import queue
-import sys
 import threading
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
@@ -43,16 +43,21 @@ class AccessLog:
             self._thread.join(timeout=10)
             self._thread = None
 
-    def _open(self) -> BinaryIO:
+    def _open(self) -> int:
         if self.target == "stdout":
-            return sys.stdout.buffer
+            return 1
         if self.target == "stderr":
-            return sys.stderr.buffer
-        # Held open for the life of the writer thread.
-        return open(self.target, "ab")
+            return 2
+        # O_APPEND: every write lands at the end, whole, even with several workers on one file.
+        return os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _write(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
 
     def _run(self) -> None:
-        sink: BinaryIO | None = None
+        sink: int | None = None
         stopping = False
         while not stopping:
             batch = [self._queue.get()]
@@ -69,17 +74,20 @@ class AccessLog:
             try:
                 if sink is None:
                     sink = self._open()
-                # One write per line: with O_APPEND each line lands whole, even when several
-                # processes share the file.
-                for line in batch:
-                    sink.write(line)
-                sink.flush()
+                if sink > 2:
+                    self._write(sink, b"".join(batch))  # a file: one append for the batch
+                else:
+                    # A pipe keeps a write whole only up to PIPE_BUF (4 KiB): a line a write.
+                    for line in batch:
+                        self._write(sink, line)
                 self.written += len(batch)
             except (OSError, ValueError) as error:
                 self.failures += len(batch)
                 if self.failures == len(batch) or self.failures % 1000 < len(batch):
                     log.error("access log %s failed (%d records lost so far): %s",
                               self.target, self.failures, error)  # fmt: skip
+                if sink is not None and sink > 2:
+                    os.close(sink)
                 sink = None
-        if sink is not None and self.target not in ("stdout", "stderr"):
-            sink.close()
+        if sink is not None and sink > 2:
+            os.close(sink)

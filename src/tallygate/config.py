@@ -174,6 +174,7 @@ class Config:
     tenants: Mapping[str, Tenant] = field(default_factory=dict)
     tenant_header: str | None = None
     require_key: bool = False  # auth.require_key
+    workers: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,8 +460,16 @@ def _read_routes(r: _Reader, raw: object, upstreams: Mapping[str, Upstream]) -> 
 _TOP_KEYS = [
     "listen", "admin", "upstreams", "routes", "compression", "limits", "pool", "trusted_proxies",
     "shutdown_grace", "metering", "access_log", "metrics", "pricing", "tenants", "tenant_header",
-    "auth",
+    "auth", "workers",
 ]  # fmt: skip
+
+
+def _workers(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    return _int_in(1, 256)(value)
+
+
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -652,6 +661,7 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
         tenants=_read_tenants(r, top.get("tenants")),
         tenant_header=r.value(top, "tenant_header", "", _string, "") or None,
         require_key=r.value(auth_raw, "require_key", "auth", _bool, False),
+        workers=r.value(top, "workers", "", _workers, 1),
     )
     if config.require_key and not config.tenants:
         r.problems.append(

@@ -266,6 +266,37 @@ class Metrics:
         for family in self.families:
             yield family.family()
 
+    def snapshot(self) -> bytes:
+        """Every value, for the master of several workers to add up."""
+        return orjson.dumps(
+            {f.name: [[list(key), value] for key, value in f.values.items()] for f in self.families}
+        )
+
+    def load(self, snapshots: Iterable[bytes]) -> None:
+        """Replace the values with the sum of the workers' snapshots. Counters, histograms and the
+        active-streams gauge add up; the `_info` gauges do not (each worker says 1)."""
+        families = {f.name: f for f in self.families}
+        for family in self.families:
+            if not family.name.endswith("_info"):
+                family.values = {}
+        for snapshot in snapshots:
+            for name, entries in orjson.loads(snapshot).items():
+                found = families.get(name)
+                if found is None or name.endswith("_info"):
+                    continue
+                values = found.values
+                for key_list, value in entries:
+                    key = tuple(key_list)
+                    if found.buckets:
+                        total = values.get(key)
+                        values[key] = (
+                            value
+                            if total is None
+                            else [a + b for a, b in zip(total, value, strict=True)]
+                        )
+                    else:
+                        values[key] = values.get(key, 0.0) + value
+
     def _export_zeros(self, routes: list[str], upstreams: list[str]) -> None:
         """Known label combinations exist from the start, so rates and alerts see 0, not nothing."""
         tenants = [*self._tenants, ANONYMOUS]

@@ -49,8 +49,6 @@ log = logging.getLogger("tallygate.relay")
 _NO_BODY_STATUSES = frozenset({204, 304})
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 _READ_CHUNK = 2**16
-_request_ids = itertools.count(1)
-_ID_PREFIX = f"{os.getpid():x}"
 
 
 class Watchdog:
@@ -144,13 +142,17 @@ class Proxy:
         self.active = 0
         self.records = 0
         self._drains: set[asyncio.Task[None]] = set()
+        # Request ids: this process (a worker is a fork: not the pid at import) and a counter.
+        self._id_prefix = f"{os.getpid():x}"
+        self._request_ids = itertools.count(1)
         self._loop = asyncio.get_event_loop()
 
     # -- the request's life ---------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(
-            request_id=request.headers.get("X-Request-Id") or f"{_ID_PREFIX}-{next(_request_ids)}",
+            request_id=request.headers.get("X-Request-Id")
+            or f"{self._id_prefix}-{next(self._request_ids)}",
             method=request.method,
             path=request.path,
             started=self._loop.time(),

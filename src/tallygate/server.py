@@ -1,7 +1,8 @@
 """Process lifecycle: the proxy and admin listeners, the shared upstream session, signals, drain.
 
-The proxy listener serves only proxied traffic; `/healthz` and `/readyz` (and, later, `/metrics`)
-live on the admin listener so they are never exposed on the edge.
+The proxy listener serves only proxied traffic; `/healthz`, `/readyz` and `/metrics` live on the
+admin listener so they are never exposed on the edge. With several workers (workers.py) each
+worker runs `start()` without an admin listener, and the master serves it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import hmac
 import logging
 import signal
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -36,13 +37,17 @@ _MAX_FIELD = 8190
 _CLIENT_KEEPALIVE = 75.0
 
 
-def bind(listen: Listen) -> socket.socket:
-    """A listening socket; port 0 lets the OS choose (tests read it back)."""
+def bind(listen: Listen, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:
+    """A listening socket; port 0 lets the OS choose (tests read it back). With `reuse_port`,
+    several processes bind the same port and the kernel spreads connections across them."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((listen.host, listen.port))
-    sock.listen(1024)
+    if backlog:
+        sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
@@ -51,34 +56,28 @@ def port_of(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
 
-@dataclass
-class Running:
-    proxy: Proxy
-    proxy_port: int
-    admin_port: int
-    _proxy_runner: web.BaseRunner
-    _admin_runner: web.BaseRunner
-    _session: aiohttp.ClientSession
-
-    async def drain_and_stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within shutdown_grace, then close.
-
-        /readyz fails from the first moment, so a load balancer stops sending new requests,
-        while /healthz stays up until the very end.
-        """
-        self.proxy.draining = True
-        log.info("draining: %d requests in flight", self.proxy.active)
-        await self._proxy_runner.cleanup()
-        await self.proxy.drain_tasks()
-        await self._session.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.proxy.access_log.close)
-        await self._admin_runner.cleanup()
-        log.info("stopped after %d requests", self.proxy.records)
+MetricsRenderer = Callable[[str], Awaitable[tuple[bytes, str]]]
 
 
-def _admin_app(proxy: Proxy, registry: CollectorRegistry, token: str | None) -> web.Application:
+def registry_renderer(registry: CollectorRegistry) -> MetricsRenderer:
+    async def render(accept: str) -> tuple[bytes, str]:
+        # OpenMetrics when the scraper asks for it, Prometheus text otherwise.
+        encoder, content_type = choose_encoder(accept)
+        return encoder(registry), content_type
+
+    return render
+
+
+def admin_app(
+    is_draining: Callable[[], bool], render_metrics: MetricsRenderer, token: str | None
+) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        if is_draining():
+            return web.json_response({"status": "draining"}, status=503)
+        return web.json_response({"status": "ready"})
 
     async def metrics(request: web.Request) -> web.Response:
         if token is not None:
@@ -88,15 +87,8 @@ def _admin_app(proxy: Proxy, registry: CollectorRegistry, token: str | None) -> 
                     {"error": "a bearer token is required"}, status=401,
                     headers={"WWW-Authenticate": 'Bearer realm="tallygate metrics"'},
                 )  # fmt: skip
-        # OpenMetrics when the scraper asks for it, Prometheus text otherwise.
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        body = encoder(registry)
+        body, content_type = await render_metrics(request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type})
-
-    async def readyz(_: web.Request) -> web.Response:
-        if proxy.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        return web.json_response({"status": "ready"})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
@@ -131,24 +123,65 @@ def load_tokenizers(config: Config) -> Tokenizers | None:
     return Tokenizers.load(config.metering.default_encoding, config.metering.encodings)
 
 
-async def start(
-    config: Config,
-    tokenizers: Tokenizers | None = None,
-    on_record: Callable[[Exchange], None] | None = None,
-) -> Running:
-    if tokenizers is None:
-        tokenizers = load_tokenizers(config)
-    session = new_session(config)
-    access_log = AccessLog(config.access_log)
-    registry = CollectorRegistry()
-    metrics = Metrics(
-        registry,
+def new_metrics(config: Config) -> Metrics:
+    return Metrics(
+        CollectorRegistry(),
         routes=[route.path_prefix for route in config.routes],
         upstreams=list(config.upstreams),
         tenants=list(config.tenants),
         max_models=config.metrics.max_models,
         config_hash=config_hash(effective_config(config)),
     )
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """What a worker of several is given by the master."""
+
+    index: int
+    port: int  # the proxy port the master reserved (SO_REUSEPORT)
+    snapshot_path: str  # a unix socket where the master asks for this worker's metrics
+
+
+@dataclass
+class Running:
+    proxy: Proxy
+    proxy_port: int
+    admin_port: int  # 0 for a worker: the master serves the admin listener
+    _runners: list[web.BaseRunner] = field(default_factory=list)
+    _session: aiohttp.ClientSession | None = None
+
+    async def drain_and_stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within shutdown_grace, then close.
+
+        /readyz fails from the first moment, so a load balancer stops sending new requests,
+        while /healthz stays up until the very end.
+        """
+        self.proxy.draining = True
+        log.info("draining: %d requests in flight", self.proxy.active)
+        proxy_runner, *admin_runners = self._runners
+        await proxy_runner.cleanup()
+        await self.proxy.drain_tasks()
+        if self._session is not None:
+            await self._session.close()
+        # The access log is flushed before the process goes.
+        await asyncio.get_running_loop().run_in_executor(None, self.proxy.access_log.close)
+        for runner in admin_runners:
+            await runner.cleanup()
+        log.info("stopped after %d requests", self.proxy.records)
+
+
+async def start(
+    config: Config,
+    tokenizers: Tokenizers | None = None,
+    on_record: Callable[[Exchange], None] | None = None,
+    worker: WorkerSlot | None = None,
+) -> Running:
+    if tokenizers is None:
+        tokenizers = load_tokenizers(config)
+    session = new_session(config)
+    access_log = AccessLog(config.access_log)
+    metrics = new_metrics(config)
     egress = config.pricing.egress
     costing = Costing(
         default_price_table().merged(config.pricing.models),
@@ -168,29 +201,56 @@ async def start(
     )
     proxy_runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_grace)
     await proxy_runner.setup()
-    proxy_sock = bind(config.listen)
+    if worker is None:
+        proxy_sock = bind(config.listen)
+    else:
+        proxy_sock = bind(Listen(config.listen.host, worker.port), reuse_port=True)
     await web.SockSite(proxy_runner, proxy_sock).start()
+    running = Running(proxy, port_of(proxy_sock), 0, [proxy_runner], session)
 
-    admin_app = _admin_app(proxy, registry, config.admin.metrics_token)
-    admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1.0)
-    await admin_runner.setup()
-    admin_sock = bind(config.admin.listen)
-    await web.SockSite(admin_runner, admin_sock).start()
+    if worker is None:
+        admin = admin_app(
+            lambda: proxy.draining,
+            registry_renderer(metrics.registry),
+            config.admin.metrics_token,
+        )
+        admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
+        await admin_runner.setup()
+        admin_sock = bind(config.admin.listen)
+        await web.SockSite(admin_runner, admin_sock).start()
+        running.admin_port = port_of(admin_sock)
+    else:
+        admin_runner = web.AppRunner(_snapshot_app(metrics), access_log=None, shutdown_timeout=1.0)
+        await admin_runner.setup()
+        await web.UnixSite(admin_runner, worker.snapshot_path).start()
+    running._runners.append(admin_runner)
+    return running
 
-    return Running(
-        proxy, port_of(proxy_sock), port_of(admin_sock), proxy_runner, admin_runner, session
-    )
+
+def _snapshot_app(metrics: Metrics) -> web.Application:
+    async def snapshot(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.snapshot(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/snapshot", snapshot)
+    return app
 
 
-async def serve(config: Config, tokenizers: Tokenizers | None) -> None:
+async def serve(
+    config: Config, tokenizers: Tokenizers | None, worker: WorkerSlot | None = None
+) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
-    running = await start(config, tokenizers)
-    log.info(
-        "tallygate listening on %s (admin %s), event loop %s",
-        _where(config.listen, running.proxy_port),
-        _where(config.admin.listen, running.admin_port),
-        type(asyncio.get_running_loop()).__module__.split(".")[0],
-    )
+    running = await start(config, tokenizers, worker=worker)
+    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    if worker is None:
+        log.info(
+            "tallygate listening on %s (admin %s), event loop %s",
+            _where(config.listen, running.proxy_port),
+            _where(config.admin.listen, running.admin_port),
+            loop_name,
+        )
+    else:
+        log.info("worker %d serving, event loop %s", worker.index, loop_name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -204,10 +264,19 @@ def _where(listen: Listen, port: int) -> str:
     return str(Listen(listen.host, port))
 
 
-def run(config: Config, tokenizers: Tokenizers | None) -> None:
+def run_loop(main: Awaitable[None]) -> None:
     try:
         import uvloop
     except ImportError:  # uvloop is optional (not on Windows); asyncio's loop works, slower.
-        asyncio.run(serve(config, tokenizers))
+        asyncio.run(main)  # type: ignore[arg-type]
     else:
-        uvloop.run(serve(config, tokenizers))
+        uvloop.run(main)  # type: ignore[arg-type]
+
+
+def run(config: Config, tokenizers: Tokenizers | None) -> None:
+    if config.workers > 1:
+        from .workers import supervise
+
+        supervise(config, tokenizers)
+    else:
+        run_loop(serve(config, tokenizers))
