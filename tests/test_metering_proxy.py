@@ -365,3 +365,24 @@ async def test_openai_text_only_output_estimates_are_within_2_percent(
         assert abs(estimated - reported) <= 0.02 * reported, (case.id, estimated, reported)
         checked += 1
     assert checked == 10
+
+
+async def test_metering_off_is_a_plain_relay(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: RecordLog,
+) -> None:
+    case = next(c for c in CASES if c.id.startswith("015"))
+    upstream.handler = replay(case, honour_usage_option=True)
+    running = await make_proxy(metering={"enabled": False})
+    async with client.post(
+        f"http://127.0.0.1:{running.proxy_port}{case.path}",
+        data=case.request,
+        headers={"Accept-Encoding": "identity"},
+    ) as r:
+        assert await r.read() == case.body
+    assert upstream.requests[-1][1] == case.request  # no usage asked for either
+    record = records[-1]
+    assert record["dialect"] == "none" and record["tokens_source"] == "none"
+    assert record["bytes"]["client_out"] > len(case.body)

@@ -20,7 +20,9 @@ from conftest import FakeUpstream
 EVENTS = [b'data: {"choices":[{"index":0,"delta":{"content":"w%d"}}]}\n\n' % i for i in range(10)]
 
 
-async def start_tallygate(tmp_path: Path, upstream_url: str, log: Path) -> tuple[asyncio.subprocess.Process, int, int]:
+async def start_tallygate(
+    tmp_path: Path, upstream_url: str, log: Path
+) -> tuple[asyncio.subprocess.Process, int, int]:
     config = tmp_path / "tallygate.yaml"
     config.write_text(yaml.safe_dump({
         "listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}, "workers": 2,
@@ -38,7 +40,9 @@ async def start_tallygate(tmp_path: Path, upstream_url: str, log: Path) -> tuple
         while ports is None or serving < 2:
             line = (await proc.stderr.readline()).decode()
             assert line, "tallygate exited"
-            found = re.search(r"listening on 127\.0\.0\.1:(\d+) \(admin 127\.0\.0\.1:(\d+)\), 2 workers", line)
+            found = re.search(
+                r"listening on 127\.0\.0\.1:(\d+) \(admin 127\.0\.0\.1:(\d+)\), 2 workers", line
+            )
             if found:
                 ports = int(found[1]), int(found[2])
             serving += "worker " in line and " serving" in line
@@ -54,7 +58,9 @@ def requests_total(text: str) -> float:
     )
 
 
-async def test_two_workers_serve_aggregate_and_drain(tmp_path: Path, upstream: FakeUpstream) -> None:
+async def test_two_workers_serve_aggregate_and_drain(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
     async def stream(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -73,14 +79,23 @@ async def test_two_workers_serve_aggregate_and_drain(tmp_path: Path, upstream: F
         requests = 60
         # A new connection each time, so the kernel spreads them over both workers.
         for _ in range(requests):
-            async with aiohttp.ClientSession() as client, client.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}") as r:
+            async with (
+                aiohttp.ClientSession() as client,
+                client.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}") as r,
+            ):
                 assert await r.read() == b"".join(EVENTS)
-        async with aiohttp.ClientSession() as client, client.get(f"http://127.0.0.1:{admin}/metrics") as r:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"http://127.0.0.1:{admin}/metrics") as r,
+        ):
             assert requests_total(await r.text()) == requests
 
         # Two slow streams, one per worker with luck; SIGTERM while they run: both finish.
         async def slow() -> bytes:
-            async with aiohttp.ClientSession() as client, client.post(f"http://127.0.0.1:{port}/slow", data=b"{}") as r:
+            async with (
+                aiohttp.ClientSession() as client,
+                client.post(f"http://127.0.0.1:{port}/slow", data=b"{}") as r,
+            ):
                 return await r.read()
 
         streams = [asyncio.create_task(slow()) for _ in range(4)]

@@ -81,6 +81,7 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Metering:
+    enabled: bool = True
     estimate: bool = True
     request_usage: bool = True
     on_client_disconnect: OnDisconnect = "cancel"
@@ -569,6 +570,7 @@ def _read_metering(r: _Reader, raw: object) -> Metering:
         except ValueError as error:
             r.problems.append(f"{path}.encodings.{glob}: {error}")
     return Metering(
+        enabled=r.value(m, "enabled", path, _bool, d.enabled),
         estimate=r.value(m, "estimate", path, _bool, d.estimate),
         request_usage=r.value(m, "request_usage", path, _bool, d.request_usage),
         on_client_disconnect=r.value(

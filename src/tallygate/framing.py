@@ -53,7 +53,8 @@ class NdjsonLine:
 
 class SseFramer:
     __slots__ = (
-        "_buf", "_data", "_event", "_held", "_id", "_line_start", "_max", "_retry", "_skip_lf",
+        "_buf", "_data", "_event", "_general", "_held", "_id", "_line_start", "_max", "_pending",
+        "_retry", "_skip_lf",
     )  # fmt: skip
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
@@ -62,6 +63,10 @@ class SseFramer:
         self._line_start = 0  # where the line being read starts in _buf
         self._skip_lf = False  # the last byte was a CR: an LF right after it is the same line end
         self._held = False  # _buf is a complete event but for a possible LF
+        # Streams with LF line ends only (nearly all) take a fast path that cuts events at
+        # b"\n\n" with bytes.find; the first CR switches the stream to the general path.
+        self._general = False
+        self._pending = b""  # the fast path's incomplete event
         self._reset_fields()
 
     def _reset_fields(self) -> None:
@@ -73,11 +78,38 @@ class SseFramer:
     @property
     def pending(self) -> bytes:
         """Bytes fed that belong to no complete event yet."""
-        return bytes(self._buf)
+        return bytes(self._buf) if self._general else self._pending
 
     def feed(self, data: bytes) -> list[SseEvent]:
         if not data:
             return []
+        if self._general:
+            return self._feed_general(data)
+        if b"\r" in data:
+            self._general = True
+            pending, self._pending = self._pending, b""
+            return self._feed_general(pending + data)
+        buf = self._pending + data if self._pending else data
+        events: list[SseEvent] = []
+        start = 0
+        scan = max(0, len(self._pending) - 1)  # a "\n\n" may straddle the two reads
+        size = len(buf)
+        while start < size:
+            if buf[start] == _LF:  # a blank line of its own: an event with no fields
+                events.append(SseEvent(b"\n"))
+                start += 1
+                continue
+            end = buf.find(b"\n\n", max(start, scan))
+            if end < 0:
+                break
+            events.append(_lf_event(buf[start : end + 2]))
+            start = end + 2
+        self._pending = buf[start:]
+        if len(self._pending) > self._max or any(len(e.raw) > self._max for e in events):
+            raise EventTooLarge(f"an SSE event exceeds {self._max} bytes", events)
+        return events
+
+    def _feed_general(self, data: bytes) -> list[SseEvent]:
         buf = self._buf
         scan_from = len(buf)
         buf += data
@@ -119,6 +151,9 @@ class SseFramer:
 
     def close(self) -> list[SseEvent]:
         """The last event, when the stream ended without its blank line (or mid-line)."""
+        if not self._general:
+            pending, self._pending = self._pending, b""
+            return [_lf_event(pending, terminated=False)] if pending else []
         if not self._buf:
             return []
         if self._line_start < len(self._buf):
@@ -150,6 +185,32 @@ class SseFramer:
         event = SseEvent(raw, data, self._event, self._id, self._retry)
         self._reset_fields()
         return event
+
+
+def _lf_event(raw: bytes, terminated: bool = True) -> SseEvent:
+    """An event with LF line ends only and no blank line inside."""
+    body = raw[:-2] if terminated else raw.rstrip(b"\n")
+    if body.startswith(b"data: ") and b"\n" not in body:  # the common case: one data line
+        return SseEvent(raw, body[6:])
+    data: list[bytes] = []
+    event = event_id = None
+    retry = None
+    for line in body.split(b"\n"):
+        if line[:1] == b":":
+            continue
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            data.append(value)
+        elif name == b"event":
+            event = value.decode("utf-8", "replace")
+        elif name == b"id":
+            if b"\0" not in value:
+                event_id = value.decode("utf-8", "replace")
+        elif name == b"retry" and value.isdigit():
+            retry = int(value)
+    return SseEvent(raw, b"\n".join(data) if data else None, event, event_id, retry)
 
 
 class NdjsonFramer:

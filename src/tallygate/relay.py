@@ -224,7 +224,12 @@ class Proxy:
             return await self._refuse(request, exchange, errors.no_route(request.path), family)
         upstream = self.config.upstreams[route.upstream]
         exchange.route, exchange.upstream = route.path_prefix, upstream.name
-        dialect = detect_dialect(path) if route.dialect == "auto" else cast(Dialect, route.dialect)
+        if not self.config.metering.enabled:
+            dialect: Dialect = "none"  # relay only: no body is parsed
+        elif route.dialect == "auto":
+            dialect = detect_dialect(path)
+        else:
+            dialect = cast(Dialect, route.dialect)
         exchange.dialect = dialect
 
         limit = self.config.limits.max_request_bytes

@@ -118,7 +118,7 @@ def new_session(config: Config) -> aiohttp.ClientSession:
 
 def load_tokenizers(config: Config) -> Tokenizers | None:
     """Encodings are loaded now, at start-up, never on a first request (TokenizerError if not)."""
-    if not config.metering.estimate:
+    if not (config.metering.enabled and config.metering.estimate):
         return None
     return Tokenizers.load(config.metering.default_encoding, config.metering.encodings)
 
