@@ -114,7 +114,7 @@ class Limits:
 class Pool:
     """The one shared upstream connection pool."""
 
-    max_connections: int = 4096
+    max_connections: int = 10_000  # 0: no limit
     keepalive_timeout: float = 30.0
 
 
@@ -646,7 +646,7 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
         ),
         pool=Pool(
             max_connections=r.value(
-                pool_raw, "max_connections", "pool", _int_in(1, 1_000_000), dp.max_connections
+                pool_raw, "max_connections", "pool", _int_in(0, 1_000_000), dp.max_connections
             ),
             keepalive_timeout=r.value(
                 pool_raw, "keepalive_timeout", "pool", parse_duration, dp.keepalive_timeout
