@@ -39,21 +39,27 @@ ALPHABET = st.sampled_from(
 TEXT = st.lists(ALPHABET, max_size=120).map("".join)
 
 
-def feed_in_pieces(encoding: tiktoken.Encoding, text: str, cuts: list[int]) -> int:
-    counter = TokenCounter(encoding)
+def feed_in_pieces(
+    encoding: tiktoken.Encoding, text: str, cuts: list[int], split_after: int = 16
+) -> int:
+    # A small window makes every test text go through the commit path many times.
+    counter = TokenCounter(encoding, split_after)
     bounds = [0, *sorted(set(cuts)), len(text)]
     for a, b in itertools.pairwise(bounds):
         counter.feed(text[a:b])
     return counter.total()
 
 
+@pytest.mark.parametrize("split_after", [1, 16, 256])
 @pytest.mark.parametrize("name", sorted(ENCODINGS))
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(text=st.lists(TEXT, min_size=1, max_size=8).map("".join), data=st.data())
-def test_incremental_count_equals_whole_encoding(name: str, text: str, data: st.DataObject) -> None:
+def test_incremental_count_equals_whole_encoding(
+    name: str, split_after: int, text: str, data: st.DataObject
+) -> None:
     encoding = ENCODINGS[name]
     cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=40)) if text else []
-    assert feed_in_pieces(encoding, text, cuts) == len(encoding.encode_ordinary(text))
+    assert feed_in_pieces(encoding, text, cuts, split_after) == len(encoding.encode_ordinary(text))
 
 
 @pytest.mark.parametrize("name", sorted(ENCODINGS))

@@ -141,26 +141,37 @@ class OpenAIChat(Extractor):
             self.usage = openai_usage(response["usage"])
 
     def _message(self, message: dict[str, Any], index: int) -> None:
-        self._text(f"content:{index}", message.get("content"))
-        self._text(f"refusal:{index}", message.get("refusal"))
-        # DeepSeek: reasoning_content; OpenRouter and others: reasoning.
-        self._text(f"reasoning:{index}", message.get("reasoning_content"))
-        self._text(f"reasoning:{index}", message.get("reasoning"))
-        for call in message.get("tool_calls") or ():
-            call = _dict(call)
-            function = _dict(call.get("function"))
-            channel = f"tool:{index}:{_int(call.get('index'))}"
-            self._text(channel, function.get("name"))
-            self._text(channel, function.get("arguments"))
-        function_call = _dict(message.get("function_call"))  # the legacy functions API
-        self._text(f"tool:{index}:f", function_call.get("name"))
-        self._text(f"tool:{index}:f", function_call.get("arguments"))
+        # One pass over the few keys a delta has (usually one), rather than a look-up for each
+        # field it might have: this runs for every event of every stream.
+        for key, value in message.items():
+            if not value:
+                continue
+            if key == "content":
+                if isinstance(value, str):
+                    self.on_text(_CONTENT[index] if index < 8 else f"content:{index}", value)
+            elif key in ("reasoning_content", "reasoning"):  # DeepSeek; OpenRouter and others
+                self._text(f"reasoning:{index}", value)
+            elif key == "refusal":
+                self._text(f"refusal:{index}", value)
+            elif key == "tool_calls" and isinstance(value, list):
+                for call in value:
+                    call = _dict(call)
+                    function = _dict(call.get("function"))
+                    channel = f"tool:{index}:{_int(call.get('index'))}"
+                    self._text(channel, function.get("name"))
+                    self._text(channel, function.get("arguments"))
+            elif key == "function_call":  # the legacy functions API
+                function_call = _dict(value)
+                self._text(f"tool:{index}:f", function_call.get("name"))
+                self._text(f"tool:{index}:f", function_call.get("arguments"))
 
     def _finish(self, choice: dict[str, Any]) -> None:
         reason = choice.get("finish_reason")
         if isinstance(reason, str):
             self.finish_reason = reason
 
+
+_CONTENT = [f"content:{i}" for i in range(8)]
 
 # The keys of the usage-only chunk OpenAI sends last when include_usage is set.
 _USAGE_CHUNK_KEYS = frozenset(
