@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from tallygate.dialects import detect_dialect
-from tallygate.metering import MeteringSettings, ResponseMeter, read_request
+from tallygate.metering import MeteringSettings, ResponseMeter, estimate_input, read_request
 from tallygate.tokens import Tokenizers
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -66,6 +66,7 @@ def main() -> None:
         facts = read_request(
             dialect, request.read_bytes() if request.exists() else b"", tokenizers, settings, errors
         )
+        estimate_input(facts, dialect, tokenizers, settings, errors)
         meter = ResponseMeter(
             dialect, meta["content_type"], tokenizers, settings, facts.model, errors,
             tools_offered=facts.tools_offered,

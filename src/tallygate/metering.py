@@ -51,6 +51,9 @@ class RequestFacts:
     estimated_input: int | None = None
     estimate_exact: bool = False
     tools_offered: bool = False
+    # The parsed body, kept until the prompt is estimated: that is done when the exchange ends,
+    # so that encoding a long prompt never delays the request on its way upstream.
+    parsed: dict[str, Any] | None = None
 
 
 def read_request(
@@ -78,14 +81,7 @@ def read_request(
     # Ollama streams unless told not to; the others only when asked.
     facts.stream = stream is not False if dialect.startswith("ollama") else stream is True
     if settings.estimate and tokenizers is not None:
-        try:
-            chosen = tokenizers.for_model(facts.model)
-            estimator = PromptEstimator(chosen.encoding, settings.image_tokens_default)
-            facts.estimated_input = estimator.estimate(dialect, request, facts.model)
-            facts.estimate_exact = chosen.exact
-        except Exception:
-            errors["prompt"] = errors.get("prompt", 0) + 1
-            log.exception("request %s: prompt estimate failed", request_id)
+        facts.parsed = request
     if settings.request_usage and facts.stream and dialect in _USAGE_OPTION_DIALECTS:
         options = request.get("stream_options")
         if options is None or (isinstance(options, dict) and "include_usage" not in options):
@@ -93,6 +89,28 @@ def read_request(
             facts.body = orjson.dumps(request)
             facts.usage_requested = True
     return facts
+
+
+def estimate_input(
+    facts: RequestFacts,
+    dialect: Dialect,
+    tokenizers: Tokenizers | None,
+    settings: MeteringSettings,
+    errors: dict[str, int],
+    request_id: str = "",
+) -> None:
+    """The prompt's estimated tokens, from the body read_request parsed (then let go)."""
+    request, facts.parsed = facts.parsed, None
+    if request is None or tokenizers is None:
+        return
+    try:
+        chosen = tokenizers.for_model(facts.model)
+        estimator = PromptEstimator(chosen.encoding, settings.image_tokens_default)
+        facts.estimated_input = estimator.estimate(dialect, request, facts.model)
+        facts.estimate_exact = chosen.exact
+    except Exception:
+        errors["prompt"] = errors.get("prompt", 0) + 1
+        log.exception("request %s: prompt estimate failed", request_id)
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ from .config import Config, Timeouts, Upstream
 from .dialects import Dialect, detect_dialect
 from .errors import ProxyError
 from .headers import ClientSide, client_response_headers, is_trusted, upstream_request_headers
-from .metering import MeteringSettings, ResponseMeter, read_request
+from .metering import MeteringSettings, ResponseMeter, estimate_input, read_request
 from .metrics import Metrics
 from .pricing import Costing
 from .routing import Router, upstream_url
@@ -177,6 +177,11 @@ class Proxy:
     def finish(self, exchange: Exchange) -> None:
         """The one place a usage record is written: exactly once per request."""
         exchange.ended = self._loop.time()
+        if exchange.request is not None and exchange.request.parsed is not None:
+            estimate_input(
+                exchange.request, cast(Dialect, exchange.dialect), self.tokenizers,
+                self.metering, exchange.metering_errors, exchange.request_id,
+            )  # fmt: skip
         self.records += 1
         if exchange.outcome != "ok":
             log.info(
