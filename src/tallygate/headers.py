@@ -5,7 +5,6 @@ and the headers of the response we relay. Pure: header maps in, header maps out.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -52,8 +51,8 @@ def _end_to_end(headers: Headers, also_drop: frozenset[str] = frozenset()) -> CI
     return out
 
 
-def is_trusted(peer: str | None, trusted: Iterable[Network]) -> bool:
-    if not peer:
+def is_trusted(peer: str | None, trusted: tuple[Network, ...]) -> bool:
+    if not peer or not trusted:  # nothing trusted (the default): no address to parse
         return False
     try:
         address = ipaddress.ip_address(peer)
