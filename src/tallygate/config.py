@@ -97,7 +97,7 @@ class Compression:
     gzip: bool = True
     level: int = 6
     # 12 and 4 give 16 KiB + 8 KiB of zlib state per live stream (zlib's formula: 2^(wbits+2) +
-    # 2^(memLevel+9)) and keep 94.7% of the ratio of zlib's defaults (256 KiB) on the corpus streams
+    # 2^(memLevel+9)) and keep 94.0% of the ratio of zlib's defaults (256 KiB) on the corpus streams
     # with a flush per event; `python bench/compression_params.py` measures it.
     window_bits: int = 12
     mem_level: int = 4
