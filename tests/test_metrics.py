@@ -139,6 +139,10 @@ async def test_metrics_equal_the_sum_of_the_usage_records(
 
     assert len(records) == 13
     assert {r["tenant"] for r in records} == {"acme", "globex", "anonymous"}
+    # The upstream that could not be reached was sent nothing and processed no tokens.
+    dead = next(r for r in records if r["upstream"] == "dead")
+    assert dead["bytes"]["upstream_out"] == 0 and dead["tokens_source"] == "none"
+    assert dead["cost_usd"]["input"] == 0 and dead["cost_usd"]["egress"] > 0  # the 502 went out
     _, text = await scrape(running.admin_port)
     values = samples(text)
 

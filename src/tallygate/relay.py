@@ -295,13 +295,15 @@ class Proxy:
         upstream_response: aiohttp.ClientResponse | None = None
         encoder: GzipEncoder | None = None
         meter: ResponseMeter | None = None
+        sent = True  # unless the connection could not be made
         try:
             try:
                 upstream_response = await self.session.request(
                     request.method, url, headers=headers, data=data,
                     allow_redirects=False, timeout=timeout,
                 )  # fmt: skip
-            except aiohttp.ServerTimeoutError:
+            except aiohttp.ConnectionTimeoutError:
+                sent = False
                 exchange.outcome = "timeout"
                 exchange.error_reason = "connect_timeout"
                 refusal = errors.upstream_timeout(
@@ -309,6 +311,9 @@ class Proxy:
                 )
                 return await self._refuse(request, exchange, refusal, family)
             except (aiohttp.ClientError, OSError) as error:
+                # Refused or unresolvable: the request never left. A connection lost after
+                # sending (ServerDisconnectedError) may have reached the provider.
+                sent = not isinstance(error, aiohttp.ClientConnectorError)
                 exchange.outcome = "upstream_error"
                 exchange.error_reason = "unreachable"
                 reason = _describe(error)
@@ -316,8 +321,9 @@ class Proxy:
                 refusal = errors.upstream_unreachable(upstream.name, reason)
                 return await self._refuse(request, exchange, refusal, family)
             finally:
-                exchange.upstream_out = _sent_size(
-                    request.method, url, headers, data, upstream_response
+                exchange.reached_upstream = sent
+                exchange.upstream_out = (
+                    _sent_size(request.method, url, headers, data, upstream_response) if sent else 0
                 )
             watchdog.headers_received()
             exchange.upstream_in = _received_head_size(upstream_response)

@@ -56,6 +56,7 @@ class Exchange:
     delivered_output_tokens: int | None = None
     metering_errors: dict[str, int] = field(default_factory=dict)
     detached: bool = False  # handed to a drain task, which writes the record
+    reached_upstream: bool = False  # the request may have been processed: tokens can count
     client_out_body: int = 0  # response body bytes as sent (after gzip)
     error_reason: str | None = None  # why the upstream failed (metrics' reason label)
     streaming_counted: bool = False  # in tallygate_streams_active
@@ -64,6 +65,8 @@ class Exchange:
     def tokens(self) -> tuple[Usage, TokensSource]:
         """Reported usage when the stream reported it whole; estimates where it did not."""
         response, request = self.response, self.request
+        if not self.reached_upstream:
+            return Usage(), "none"  # refused, or the upstream never had it: nothing to bill
         reported = response.usage if response else None
         estimated_in = request.estimated_input if request else None
         estimated_out = response.estimated_output if response else None
