@@ -10,22 +10,16 @@ flush marker per event), and the ratio is raw bytes / gzip bytes over the whole 
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from tallygate.compression import GzipEncoder, GzipSettings, flush_policy
+from tallygate.framing import NdjsonFramer, SseFramer
 
 
 def events(body: bytes, ndjson: bool) -> list[bytes]:
-    """The body cut after each event (SSE) or line (NDJSON)."""
-    pattern = rb"\n" if ndjson else rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)"
-    pieces, start = [], 0
-    for match in re.finditer(pattern, body):
-        pieces.append(body[start : match.end()])
-        start = match.end()
-    if start < len(body):
-        pieces.append(body[start:])
-    return pieces
+    """The body cut after each event (SSE) or line (NDJSON), by tallygate's own framers."""
+    framer = NdjsonFramer() if ndjson else SseFramer()
+    return [event.raw for event in [*framer.feed(body), *framer.close()]]
 
 
 def compressed_size(streams: list[tuple[list[bytes], bool]], settings: GzipSettings) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import sys
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -221,3 +223,27 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     # auto_decompress off: tests look at the bytes on the wire and decode them themselves.
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+async def start_serve(
+    tmp_path: Path, config: dict[str, Any], workers: int = 1
+) -> tuple[asyncio.subprocess.Process, int, int, str]:
+    """`tallygate serve` as a process of its own: it, its proxy and admin ports, and its start-up
+    line, once it listens (and, with workers, once each worker serves)."""
+    path = tmp_path / "tallygate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tallygate", "serve", "--config", str(path),
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    found, serving = None, 0
+    async with asyncio.timeout(30):
+        while found is None or (workers > 1 and serving < workers):
+            line = (await proc.stderr.readline()).decode()
+            assert line, "tallygate exited before listening"
+            match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(admin 127\.0\.0\.1:(\d+)\)", line)
+            if match:
+                found = (int(match[1]), int(match[2]), line)
+            serving += "worker " in line and " serving" in line
+    return proc, found[0], found[1], found[2]

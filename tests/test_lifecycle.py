@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
-from conftest import FakeUpstream
+from conftest import FakeUpstream, start_serve
 
 EVENTS = [b'data: {"n":%d}\n\n' % i for i in range(12)]
 
@@ -31,30 +27,15 @@ async def serve(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[object]
     started: list[Process] = []
 
     async def launch(grace: str) -> Process:
-        config = tmp_path / "tallygate.yaml"
-        config.write_text(yaml.safe_dump({
+        proc, proxy, admin, line = await start_serve(tmp_path, {
             "listen": "127.0.0.1:0",
             "admin": {"listen": "127.0.0.1:0"},
             "upstreams": {"main": {"url": upstream.url}},
             "routes": [{"path_prefix": "/", "upstream": "main"}],
             "shutdown_grace": grace,
-        }))  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tallygate", "serve", "--config", str(config),
-            stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        assert proc.stderr is not None
-        async with asyncio.timeout(20):
-            while True:
-                line = (await proc.stderr.readline()).decode()
-                assert line, "tallygate exited before listening"
-                found = re.search(
-                    r"listening on 127\.0\.0\.1:(\d+) \(admin 127\.0\.0\.1:(\d+)\)", line
-                )
-                if found:
-                    assert "event loop uvloop" in line
-                    break
-        process = Process(proc, int(found[1]), int(found[2]))
+        })  # fmt: skip
+        assert "event loop uvloop" in line
+        process = Process(proc, proxy, admin)
         started.append(process)
         return process
 

@@ -14,18 +14,15 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tallygate.framing import NdjsonFramer, SseFramer
+
 from conftest import CASES, FakeUpstream, ProxyFactory
 
 
 def split_events(body: bytes, ndjson: bool) -> list[bytes]:
-    pattern = rb"\n" if ndjson else rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)"
-    pieces, start = [], 0
-    for match in re.finditer(pattern, body):
-        pieces.append(body[start : match.end()])
-        start = match.end()
-    if start < len(body):
-        pieces.append(body[start:])
-    return pieces
+    """The recorded body cut into its events by the framers (tested on their own)."""
+    framer = NdjsonFramer() if ndjson else SseFramer()
+    return [event.raw for event in [*framer.feed(body), *framer.close()]]
 
 
 LOCKSTEP_CASES = [

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
-import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import FakeUpstream
+from conftest import FakeUpstream, start_serve
 
 EVENTS = [b'data: {"choices":[{"index":0,"delta":{"content":"w%d"}}]}\n\n' % i for i in range(10)]
 
@@ -23,30 +19,13 @@ EVENTS = [b'data: {"choices":[{"index":0,"delta":{"content":"w%d"}}]}\n\n' % i f
 async def start_tallygate(
     tmp_path: Path, upstream_url: str, log: Path
 ) -> tuple[asyncio.subprocess.Process, int, int]:
-    config = tmp_path / "tallygate.yaml"
-    config.write_text(yaml.safe_dump({
+    proc, port, admin, line = await start_serve(tmp_path, {
         "listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}, "workers": 2,
         "upstreams": {"main": {"url": upstream_url}}, "routes": [{"path_prefix": "/", "upstream": "main"}],
         "shutdown_grace": "10s", "access_log": str(log),
-    }))  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tallygate", "serve", "-c", str(config),
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    assert proc.stderr is not None
-    ports = None
-    serving = 0
-    async with asyncio.timeout(30):
-        while ports is None or serving < 2:
-            line = (await proc.stderr.readline()).decode()
-            assert line, "tallygate exited"
-            found = re.search(
-                r"listening on 127\.0\.0\.1:(\d+) \(admin 127\.0\.0\.1:(\d+)\), 2 workers", line
-            )
-            if found:
-                ports = int(found[1]), int(found[2])
-            serving += "worker " in line and " serving" in line
-    return proc, ports[0], ports[1]
+    }, workers=2)  # fmt: skip
+    assert "2 workers" in line
+    return proc, port, admin
 
 
 def requests_total(text: str) -> float:
