@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
@@ -84,6 +85,49 @@ def _hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulator_settings(args: argparse.Namespace) -> Any:
+    from .config import parse_duration
+    from .simulator import SimulatorSettings
+
+    return SimulatorSettings(
+        ttft=parse_duration(args.ttft) if args.ttft not in ("0", "0s") else 0.0,
+        tokens_per_second=args.tokens_per_second,
+        output_tokens=args.output_tokens,
+        error_rate=args.error_rate,
+        midstream_failure_rate=args.midstream_failure_rate,
+        seed=args.seed,
+    )
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .config import parse_listen
+    from .demo import run_simulator
+
+    run_simulator(parse_listen(args.listen), _simulator_settings(args))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .config import parse_listen
+    from .demo import run_demo
+
+    run_demo(parse_listen(args.listen), parse_listen(args.admin), _simulator_settings(args))
+    return 0
+
+
+def _add_simulator_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ttft", default="200ms", help="time to the first token (default 200ms)")
+    parser.add_argument("--tokens-per-second", type=float, default=50.0, help="0: no pacing")
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument(
+        "--error-rate", type=float, default=0.0, help="share answered with an error"
+    )
+    parser.add_argument(
+        "--midstream-failure-rate", type=float, default=0.0, help="share of streams cut halfway"
+    )
+    parser.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tallygate",
@@ -124,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
         "key", nargs="?", help="the key (default: read one line from standard input)"
     )
     hashing.set_defaults(func=_hash_key)
+
+    simulate = commands.add_parser(
+        "simulate", help="run a simulated LLM upstream (OpenAI, Anthropic, Ollama), no key needed"
+    )
+    simulate.add_argument("--listen", default="127.0.0.1:8001")
+    _add_simulator_options(simulate)
+    simulate.set_defaults(func=_simulate)
+
+    demo = commands.add_parser(
+        "demo", help="tallygate in front of the simulated upstream: try it with no key, no network"
+    )
+    demo.add_argument("--listen", default="127.0.0.1:8080")
+    demo.add_argument("--admin", default="127.0.0.1:9464")
+    _add_simulator_options(demo)
+    demo.set_defaults(func=_demo)
     return parser
 
 

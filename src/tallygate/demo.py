@@ -1,0 +1,96 @@
+"""`tallygate demo` and `tallygate simulate`: the simulated upstream, alone or behind tallygate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from .config import Listen, load_config_text
+from .server import load_tokenizers, run_loop, serve
+from .simulator import Simulator, SimulatorSettings
+from .tokens import TokenizerError
+
+log = logging.getLogger("tallygate.demo")
+
+CURL = (
+    "curl -N --compressed http://{listen}/v1/chat/completions -H 'Content-Type: application/json' "
+    """-d '{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"Hi"}}]}}'"""
+)
+
+
+async def _start_simulator(
+    listen: Listen, settings: SimulatorSettings
+) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(Simulator(settings).app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, listen.host, listen.port)
+    await site.start()
+    server = site._server  # asyncio's Server: its sockets tell the port the OS chose
+    sockets = getattr(server, "sockets", None) or ()
+    return runner, int(sockets[0].getsockname()[1]) if sockets else listen.port
+
+
+def run_simulator(listen: Listen, settings: SimulatorSettings) -> None:
+    async def main() -> None:
+        runner, port = await _start_simulator(listen, settings)
+        log.info(
+            "simulated upstream on http://%s:%d (OpenAI, Anthropic, Ollama)", listen.host, port
+        )
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    run_loop(main())
+
+
+def demo_config(listen: Listen, admin: Listen, upstream: str, estimate: bool) -> dict[str, Any]:
+    return {
+        "listen": str(listen),
+        "admin": {"listen": str(admin)},
+        "access_log": "stdout",
+        "upstreams": {name: {"url": upstream} for name in ("openai", "anthropic", "ollama")},
+        "routes": [
+            {"path_prefix": "/v1/messages", "upstream": "anthropic"},
+            {"path_prefix": "/api", "upstream": "ollama"},
+            {"path_prefix": "/", "upstream": "openai"},
+        ],
+        "metering": {"estimate": estimate},
+        "shutdown_grace": "2s",
+    }
+
+
+def run_demo(listen: Listen, admin: Listen, settings: SimulatorSettings) -> None:
+    async def main() -> None:
+        runner, port = await _start_simulator(Listen("127.0.0.1", 0), settings)
+        upstream = f"http://127.0.0.1:{port}"
+        config = load_config_text(yaml.safe_dump(demo_config(listen, admin, upstream, True)), {})
+        try:
+            tokenizers = load_tokenizers(config)
+        except TokenizerError as error:
+            # The demo runs anywhere: without the encodings it still shows the provider's usage.
+            log.warning("%s Token estimates are off for this demo.", error)
+            offline = demo_config(listen, admin, upstream, False)
+            config, tokenizers = load_config_text(yaml.safe_dump(offline), {}), None
+        print(
+            "\ntallygate demo: a simulated LLM upstream (OpenAI chat and Responses, Anthropic,"
+            f" Ollama) behind tallygate.\n  Send requests to http://{listen}, for example:\n    "
+            + CURL.format(listen=listen)
+            + f"\n  Metrics: http://{admin}/metrics"
+            + "\n  Usage records: printed here, one JSON line per request. Stop with Ctrl-C.\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            await serve(config, tokenizers)
+        finally:
+            await runner.cleanup()
+
+    run_loop(main())
