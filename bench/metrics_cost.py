@@ -19,7 +19,7 @@ RECORD = {
     "bytes": {"client_in": 500, "client_out": 3000, "upstream_out": 600, "upstream_in": 20000},
     "compression_saved_bytes": 15000,
     "cost_usd": {"input": 1e-5, "output": 2e-5, "cached_input": 0, "cache_write_input": 0, "egress": 1e-6, "total": 3e-5},
-    "unpriced_tokens": 0, "metering_errors": {},
+    "unpriced_tokens": 0, "metering_errors": {}, "delivered_output_tokens": None,
 }  # fmt: skip
 
 

@@ -241,6 +241,12 @@ class Metrics:
             ("stage",),
             "counter",
         )
+        self.undelivered = f(
+            "tallygate_undelivered_output_tokens",
+            "Output tokens that never reached a client that left mid-stream.",
+            ("upstream", "model", "tenant"),
+            "counter",
+        )
         self.unpriced = f(
             "tallygate_unpriced_tokens",
             "Tokens of models without a price (costed at 0).",
@@ -256,7 +262,8 @@ class Metrics:
         self.families = [
             self.requests, self.duration, self.ttft, self.tpot, self.tokens, self.estimate_error,
             self.bytes, self.saved, self.cost, self.streams_active, self.disconnects,
-            self.upstream_errors, self.metering_errors, self.unpriced, build, config,
+            self.upstream_errors, self.metering_errors, self.undelivered, self.unpriced, build,
+            config,
         ]  # fmt: skip
         self._export_zeros(list(routes), list(upstreams))
         registry.register(self)
@@ -380,6 +387,9 @@ class Metrics:
             self.unpriced.inc((model,), record["unpriced_tokens"])
         if outcome == "client_disconnect":
             self.disconnects.inc((route,))
+            delivered = record["delivered_output_tokens"]
+            if delivered is not None and tokens["output"] > delivered:
+                self.undelivered.inc((upstream, model, tenant), tokens["output"] - delivered)
         if error_reason is not None:
             self.upstream_errors.inc((upstream, error_reason))
         for stage, count in record["metering_errors"].items():

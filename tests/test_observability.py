@@ -1,0 +1,169 @@
+"""The shipped dashboard and Prometheus rules: valid, about metrics tallygate exports, and every
+expression returns data from a real Prometheus scraping tallygate under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from test_prometheus import Prometheus, free_port, spawn
+
+from tallygate.simulator import Simulator, SimulatorSettings
+
+from conftest import ROOT, FakeUpstream, ProxyFactory
+
+PROMTOOL = shutil.which("promtool")
+if PROMTOOL is None and os.environ.get("CI"):
+    raise RuntimeError("CI must install the prometheus package (see .ci/run)")
+needs_prometheus = pytest.mark.skipif(PROMTOOL is None, reason="prometheus is not installed")
+
+DASHBOARD = json.loads((ROOT / "grafana" / "dashboards" / "tallygate.json").read_text())
+RULES = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())
+
+
+def dashboard_exprs() -> list[str]:
+    return [target["expr"] for panel in DASHBOARD["panels"] for target in panel["targets"]]
+
+
+def rule_exprs() -> list[str]:
+    """Recording rules whole; alerts by their left-hand side (an alert that does not fire
+    returns nothing, its measure always does)."""
+    exprs = []
+    for group in RULES["groups"]:
+        for rule in group["rules"]:
+            expr = " ".join(rule["expr"].split())
+            if "alert" in rule:
+                expr = re.split(r" (?:>|==|<) ", expr, maxsplit=1)[0]
+            exprs.append(expr)
+    return exprs
+
+
+@needs_prometheus
+def test_promtool_accepts_the_shipped_files() -> None:
+    folder = ROOT / "deploy" / "prometheus"
+    for args in (["check", "rules", "rules.yml"], ["check", "config", "prometheus.yml"]):
+        done = subprocess.run(
+            [PROMTOOL or "promtool", *args], cwd=folder, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dashboard_is_consistent() -> None:
+    ids = [panel["id"] for panel in DASHBOARD["panels"]]
+    assert len(ids) == len(set(ids))
+    provisioned = yaml.safe_load(
+        (ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    uid = provisioned["datasources"][0]["uid"]
+    for panel in DASHBOARD["panels"]:
+        assert panel["datasource"]["uid"] == uid
+        assert all(t["datasource"]["uid"] == uid for t in panel["targets"])
+    assert {v["name"] for v in DASHBOARD["templating"]["list"]} == {"upstream", "model", "tenant"}
+
+
+def test_dashboard_and_rules_use_only_exported_metrics() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from tallygate.metrics import Metrics
+
+    metrics = Metrics(CollectorRegistry(), ["/"], ["u"], [], 5, "x")
+    exported = set()
+    for family in metrics.families:
+        base = family.name
+        exported |= {base, f"{base}_total", f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+    recorded = {
+        rule["record"] for group in RULES["groups"] for rule in group["rules"] if "record" in rule
+    }
+    for expr in dashboard_exprs() + rule_exprs():
+        for name in re.findall(r"\b(tallygate(?:_[a-z0-9]+)+)\b", expr):
+            assert name in exported, f"{name} is not a metric tallygate exports"
+        for name in re.findall(r"\b(tallygate:[a-z0-9_:]+)\b", expr):
+            assert name in recorded, f"{name} is not recorded by the rules"
+
+
+@needs_prometheus
+async def test_every_expression_returns_data(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    simulator = Simulator(
+        SimulatorSettings(ttft=0.01, tokens_per_second=0, output_tokens=30, seed=3)
+    )
+    app = simulator.app()
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        if (
+            request.path == "/v1/slow/chat/completions"
+        ):  # a long stream, for a client that leaves halfway
+            return await Simulator(
+                SimulatorSettings(ttft=0, tokens_per_second=20, output_tokens=100)
+            ).openai_chat(request)
+        for resource in app.router.resources():
+            match = await resource.resolve(request)
+            if match[0] is not None:
+                return await match[0].handler(request)  # type: ignore[no-any-return]
+        raise web.HTTPNotFound()
+
+    upstream.handler = route
+    running = await make_proxy(metering={"on_client_disconnect": "drain"})
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ROOT / "deploy" / "prometheus" / "rules.yml")],
+        "scrape_configs": [
+            {
+                "job_name": "tallygate",
+                "static_configs": [{"targets": [f"127.0.0.1:{running.admin_port}"]}],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    prometheus = Prometheus(port, spawn(tmp_path, port))
+    base = f"http://127.0.0.1:{running.proxy_port}"
+    chat = json.dumps(
+        {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    ).encode()
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with asyncio.timeout(60):
+                while True:  # until Prometheus has scraped once
+                    await asyncio.sleep(0.5)
+                    try:
+                        if await prometheus.query(client, 'up{job="tallygate"} == 1'):
+                            break
+                    except aiohttp.ClientConnectionError:
+                        continue
+            for _ in range(3):  # traffic across several scrapes, so rates have something to show
+                for path in ("/v1/chat/completions", "/v1/messages", "/api/chat", "/v1/responses"):
+                    async with client.post(
+                        base + path, data=chat, headers={"Accept-Encoding": "gzip"}
+                    ) as r:
+                        await r.read()
+                reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy_port)
+                writer.write(
+                    b"POST /v1/slow/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(chat), chat)
+                )
+                await reader.readuntil(b"\n\n")
+                writer.close()
+                await asyncio.sleep(1.5)
+            await asyncio.sleep(7)  # the drained streams end, their records land, two scrapes
+            empty = []
+            for expr in dashboard_exprs() + rule_exprs():
+                query = (
+                    expr.replace("$upstream", ".*").replace("$model", ".*").replace("$tenant", ".*")
+                )
+                if not await prometheus.query(client, query):
+                    empty.append(query)
+            assert not empty, "expressions without data:\n" + "\n".join(empty)
+    finally:
+        prometheus.process.terminate()
+        prometheus.process.wait(timeout=10)
