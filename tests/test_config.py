@@ -148,3 +148,15 @@ def test_example_config_is_valid_and_documented() -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_typed_keys_take_values_from_the_environment() -> None:
+    text = MINIMAL + "workers: ${W}\ncompression: {gzip: '${G}', level: '${L}'}\n"
+    config = load_config_text(text, {"W": "2", "G": "false", "L": "9"})
+    assert (
+        config.workers == 2 and config.compression.gzip is False and config.compression.level == 9
+    )
+    assert sorted(problems(text, {"W": "two", "G": "maybe", "L": "9"})) == [
+        "compression.gzip: expected true or false, got 'maybe'",
+        "workers: expected a whole number from 1 to 256, got 'two'",
+    ]

@@ -7,6 +7,7 @@ it does not open sockets or touch the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import os
@@ -314,7 +315,13 @@ def _kind(value: object) -> str:
     return "a string" if isinstance(value, str) else type(value).__name__
 
 
+# ${VAR} makes strings: typed keys also take the string forms of their values.
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
 def _bool(value: object) -> bool:
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
     return value
@@ -322,6 +329,8 @@ def _bool(value: object) -> bool:
 
 def _int_in(low: int, high: int) -> Callable[[object], int]:
     def convert(value: object) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected a whole number from {low} to {high}, got {value!r}")
         if not low <= value <= high:
@@ -475,6 +484,9 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 def _number(value: object) -> float:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ValueError(f"expected a number >= 0, got {value!r}")
     return float(value)
