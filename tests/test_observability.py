@@ -97,20 +97,14 @@ async def test_every_expression_returns_data(
     simulator = Simulator(
         SimulatorSettings(ttft=0.01, tokens_per_second=0, output_tokens=30, seed=3)
     )
-    app = simulator.app()
 
     async def route(request: web.Request) -> web.StreamResponse:
         if (
             request.path == "/v1/slow/chat/completions"
         ):  # a long stream, for a client that leaves halfway
-            return await Simulator(
-                SimulatorSettings(ttft=0, tokens_per_second=20, output_tokens=100)
-            ).openai_chat(request)
-        for resource in app.router.resources():
-            match = await resource.resolve(request)
-            if match[0] is not None:
-                return await match[0].handler(request)  # type: ignore[no-any-return]
-        raise web.HTTPNotFound()
+            slow = Simulator(SimulatorSettings(ttft=0, tokens_per_second=20, output_tokens=100))
+            return await slow.openai_chat(request)
+        return await simulator.dispatch(request)
 
     upstream.handler = route
     running = await make_proxy(metering={"on_client_disconnect": "drain"})

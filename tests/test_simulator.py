@@ -7,7 +7,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from openai import AsyncOpenAI
 
 from tallygate.simulator import Simulator, SimulatorSettings
@@ -34,16 +33,7 @@ REQUESTS = {
 @pytest.fixture
 def simulated(upstream: FakeUpstream) -> Simulator:
     simulator = Simulator(SimulatorSettings(ttft=0, tokens_per_second=0, output_tokens=40, seed=1))
-    app = simulator.app()
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        for resource in app.router.resources():
-            match = await resource.resolve(request)
-            if match[0] is not None:
-                return await match[0].handler(request)  # type: ignore[no-any-return]
-        raise web.HTTPNotFound()
-
-    upstream.handler = handler
+    upstream.handler = simulator.dispatch
     return simulator
 
 

@@ -44,12 +44,23 @@ class Simulator:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.openai_chat)
-        app.router.add_post("/v1/responses", self.openai_responses)
-        app.router.add_post("/v1/messages", self.anthropic_messages)
-        app.router.add_post("/api/chat", self.ollama_chat)
-        app.router.add_get("/v1/models", self.models)
+        app.router.add_route("*", "/{path:.*}", self.dispatch)
         return app
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        """One handler for every path: by the path's ending, as tallygate detects dialects."""
+        path = request.path.rstrip("/")
+        if request.method == "GET" and path.endswith("/models"):
+            return await self.models(request)
+        for ending, handler in (
+            ("/chat/completions", self.openai_chat),
+            ("/responses", self.openai_responses),
+            ("/messages", self.anthropic_messages),
+            ("/api/chat", self.ollama_chat),
+        ):
+            if request.method == "POST" and path.endswith(ending):
+                return await handler(request)
+        return web.json_response({"error": {"message": f"no such path: {path}"}}, status=404)
 
     # -- the shape every dialect shares --------------------------------------------------------
 
