@@ -130,7 +130,8 @@ class Simulator:
                 },
                 status=500,
             )
-        model = f"{body.get('model') or 'gpt-4o-mini'}-sim"
+        # A dated version of the requested model, as the APIs report it (and prices resolve it).
+        model = f"{body.get('model') or 'gpt-4o-mini'}-2025-01-01"
         words = self._words()
         usage = {
             "prompt_tokens": self._prompt_tokens(body),
@@ -209,7 +210,7 @@ class Simulator:
             "object": "response",
             "created_at": int(time.time()),
             "status": "completed",
-            "model": f"{body.get('model') or 'gpt-4.1'}-sim",
+            "model": f"{body.get('model') or 'gpt-4.1'}-2025-01-01",
             "output": [
                 {
                     "type": "message",
@@ -279,7 +280,7 @@ class Simulator:
                 status=529,
             )
         words = self._words()
-        model = f"{body.get('model') or 'claude-sonnet-4-5'}-sim"
+        model = f"{body.get('model') or 'claude-sonnet-4-5'}-20250101"
         prompt = self._prompt_tokens(body)
         if not body.get("stream"):
             await asyncio.sleep(self.settings.ttft)
