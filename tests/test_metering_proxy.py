@@ -386,3 +386,44 @@ async def test_metering_off_is_a_plain_relay(
     record = records[-1]
     assert record["dialect"] == "none" and record["tokens_source"] == "none"
     assert record["bytes"]["client_out"] > len(case.body)
+
+
+async def test_drain_continues_a_gzip_encoded_upstream(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog
+) -> None:
+    """The drain goes on decoding the same gzip stream the relay was decoding."""
+    case = next(c for c in CASES if c.id.startswith("048"))  # Anthropic, 171 output tokens
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    encoded = compressor.compress(case.body) + compressor.flush()
+    release = asyncio.Event()
+
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}
+        )
+        await response.prepare(request)
+        half = len(encoded) // 2
+        await response.write(encoded[:half])
+        await release.wait()
+        await response.write(encoded[half:])
+        await response.write_eof()
+        return response
+
+    upstream.handler = gzipped
+    running = await make_proxy(metering={"on_client_disconnect": "drain"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy_port)
+    writer.write(
+        b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nAccept-Encoding: identity\r\n\r\n{}"
+    )
+    async with asyncio.timeout(5):
+        got = b""
+        while b"content_block_delta" not in got:
+            got += await reader.read(65536)
+    writer.close()
+    release.set()
+    await records.wait_for(1)
+    record = records[-1]
+    assert record["outcome"] == "client_disconnect"
+    assert record["tokens_source"] == "reported"
+    assert record["tokens"]["output"] == 171
+    assert record["metering_errors"] == {}

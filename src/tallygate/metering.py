@@ -200,7 +200,10 @@ class ResponseMeter:
             return b""
         if self._framer is None:
             if self._body:
-                self._guard("dialect", self._extractor.body, b"".join(self._body))
+                try:
+                    self._extractor.body(b"".join(self._body))
+                except Exception as error:  # a malformed body: counted, the relay is done
+                    self._count_error("dialect", error)
             return b""
         kept = [event.raw for event in self._framer.close() if not self._event(event)]
         return b"".join(kept) if self._strip else b""
@@ -232,12 +235,6 @@ class ResponseMeter:
             return None
         pending = self._framer.pending if self._framer is not None else b""
         return b"".join(event.raw for event in error.events) + pending
-
-    def _guard(self, stage: str, call: Any, *args: Any) -> None:
-        try:
-            call(*args)
-        except Exception as error:
-            self._count_error(stage, error)
 
     def _count_error(self, stage: str, error: Exception) -> None:
         self._errors[stage] = self._errors.get(stage, 0) + 1

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -293,6 +294,7 @@ class Proxy:
         data = body if body or request.method not in _BODYLESS_METHODS else None
         response: web.StreamResponse | None = None
         upstream_response: aiohttp.ClientResponse | None = None
+        decoder: UpstreamDecoder | None = None
         encoder: GzipEncoder | None = None
         meter: ResponseMeter | None = None
         sent = True  # unless the connection could not be made
@@ -339,11 +341,9 @@ class Proxy:
             expired = watchdog.expired
             task = asyncio.current_task()
             if expired is None or task is None or task.uncancel() > 0:
-                # The client left, or we are shutting down.
-                if exchange.outcome == "ok":
-                    exchange.outcome = "shutdown" if self.draining else "client_disconnect"
+                # The client left, or we are shutting down (handle() records which).
                 if meter is not None and upstream_response is not None:
-                    self._client_gone(exchange, meter, upstream_response)
+                    self._client_gone(exchange, meter, upstream_response, decoder)
                 raise
             exchange.outcome = "timeout"
             exchange.error_reason = f"{expired}_timeout"
@@ -391,7 +391,7 @@ class Proxy:
         meter = ResponseMeter(
             exchange.dialect if plain and has_body else "none",  # type: ignore[arg-type]
             content_type,
-            self.tokenizers if self.metering.estimate else None,
+            self.tokenizers,
             self.metering,
             facts.model if facts else None,
             exchange.metering_errors,
@@ -493,7 +493,7 @@ class Proxy:
                 exchange.first_byte_at = now()
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             exchange.outcome = "client_disconnect"
-            self._client_gone(exchange, meter, upstream_response)
+            self._client_gone(exchange, meter, upstream_response, decoder)
 
     async def _send(
         self,
@@ -512,28 +512,38 @@ class Proxy:
     # -- a client that left ----------------------------------------------------------------------
 
     def _client_gone(
-        self, exchange: Exchange, meter: ResponseMeter, upstream_response: aiohttp.ClientResponse
+        self,
+        exchange: Exchange,
+        meter: ResponseMeter,
+        upstream_response: aiohttp.ClientResponse,
+        decoder: UpstreamDecoder | None,
     ) -> None:
         """Note what reached the client; with `on_client_disconnect: drain`, keep reading the
         upstream in the background so its reported usage (what you are billed) is captured."""
         exchange.delivered_output_tokens = meter.output_estimate()
-        if self.config.metering.on_client_disconnect != "drain" or upstream_response.closed:
+        # Not `closed`: aiohttp sets that once the body has arrived, though it may still be
+        # waiting, unread, in the buffer. Drain unless every byte was read.
+        if (
+            self.config.metering.on_client_disconnect != "drain"
+            or upstream_response.content.at_eof()
+        ):
             return
         exchange.detached = True
         task = asyncio.get_running_loop().create_task(
-            self._drain(exchange, meter, upstream_response)
+            self._drain(exchange, meter, upstream_response, decoder)
         )
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
 
     async def _drain(
-        self, exchange: Exchange, meter: ResponseMeter, upstream_response: aiohttp.ClientResponse
+        self,
+        exchange: Exchange,
+        meter: ResponseMeter,
+        upstream_response: aiohttp.ClientResponse,
+        decoder: UpstreamDecoder | None,
     ) -> None:
+        """The rest of the body, through the same decoder and meter the relay was using."""
         upstream = self.config.upstreams[exchange.upstream]
-        decoder = None
-        coding = upstream_response.headers.get("Content-Encoding", "").strip().lower()
-        if coding in UpstreamDecoder.DECODABLE:
-            decoder = UpstreamDecoder(coding)
         try:
             async with asyncio.timeout(
                 min(self.config.metering.drain_timeout, upstream.timeouts.total)
@@ -541,8 +551,10 @@ class Proxy:
                 while chunk := await upstream_response.content.readany():
                     exchange.upstream_in += len(chunk)
                     meter.feed(decoder.feed(chunk) if decoder is not None else chunk)
+                if decoder is not None:
+                    meter.feed(decoder.close())
                 meter.close()
-        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError, zlib.error) as error:
             log.info("drain of %s stopped: %s", exchange.request_id, _describe(error))
         finally:
             upstream_response.close()
