@@ -16,7 +16,7 @@ from aiohttp import web
 
 from tallygate.framing import NdjsonFramer, SseFramer
 
-from conftest import CASES, FakeUpstream, ProxyFactory
+from conftest import CASES, FakeUpstream, ProxyFactory, RecordLog
 
 
 def split_events(body: bytes, ndjson: bool) -> list[bytes]:
@@ -416,3 +416,39 @@ async def test_any_method_is_relayed_and_head_has_no_body(
     assert [req.method for req, _ in upstream.requests] == [
         "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD",
     ]  # fmt: skip
+
+
+async def test_corrupt_gzip_from_the_upstream_is_an_upstream_failure(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: RecordLog,
+) -> None:
+    good = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    head = good.compress(EVENT_1) + good.flush(zlib.Z_SYNC_FLUSH)
+    first_arrived = asyncio.Event()
+
+    async def corrupt(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}
+        )
+        await response.prepare(request)
+        await response.write(head)
+        await asyncio.wait_for(first_arrived.wait(), 5)  # a read of its own, decoded and relayed
+        await response.write(b"\xff" * 64)  # not deflate
+        await response.write_eof()
+        return response
+
+    upstream.handler = corrupt
+    running = await make_proxy()
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    received = b""
+    async with client.post(url, data=b"{}", headers={"Accept-Encoding": "identity"}) as r:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with asyncio.timeout(5):
+                while piece := await r.content.readany():
+                    received += piece
+                    first_arrived.set()
+    assert received == EVENT_1  # what could be decoded, and nothing invented
+    await records.wait_for(1)
+    assert (records[-1]["outcome"], records[-1]["status"]) == ("upstream_error", 200)

@@ -453,24 +453,18 @@ class Proxy:
                 try:
                     chunk = await read()
                 except (aiohttp.ClientError, OSError) as error:
-                    # The upstream broke mid-body. Deliver every byte it did send, then end the
-                    # response as broken: never invent an end the upstream did not send.
-                    exchange.outcome = "upstream_error"
-                    exchange.error_reason = "broken_body"
-                    log.warning(
-                        "upstream %s failed mid-body: %s", exchange.upstream, _describe(error)
-                    )
-                    rest = meter.close()
-                    if rest:
-                        await self._send(exchange, write, encoder, rest)
-                    await _cut(request, response, encoder)
+                    await self._broken(request, exchange, response, encoder, meter, error)
                     return
                 if not chunk:
                     break
                 watchdog.last = now()
                 exchange.upstream_in += len(chunk)
                 if decoder is not None:
-                    chunk = decoder.feed(chunk)
+                    try:
+                        chunk = decoder.feed(chunk)
+                    except zlib.error as error:  # the body is not what its coding says
+                        await self._broken(request, exchange, response, encoder, meter, error)
+                        return
                 relayed = meter.feed(chunk)
                 if strips:
                     chunk = relayed or b""
@@ -494,6 +488,25 @@ class Proxy:
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             exchange.outcome = "client_disconnect"
             self._client_gone(exchange, meter, upstream_response, decoder)
+
+    async def _broken(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        response: web.StreamResponse,
+        encoder: GzipEncoder | None,
+        meter: ResponseMeter,
+        error: Exception,
+    ) -> None:
+        """The upstream broke mid-body. Deliver every byte it did send, then end the response
+        as broken: never invent an end the upstream did not send."""
+        exchange.outcome = "upstream_error"
+        exchange.error_reason = "broken_body"
+        log.warning("upstream %s failed mid-body: %s", exchange.upstream, _describe(error))
+        rest = meter.close()
+        if rest:
+            await self._send(exchange, response.write, encoder, rest)
+        await _cut(request, response, encoder)
 
     async def _send(
         self,
