@@ -12,6 +12,7 @@ import difflib
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -45,9 +46,16 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Tls:
+    cert: str  # PEM certificate chain
+    key: str  # PEM private key
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     host: str
     port: int
+    tls: Tls | None = None
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -108,7 +116,18 @@ class Compression:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """What one client may take. Timeouts as nginx's client_header_timeout, client_body_timeout
+    and send_timeout; header sizes as its large_client_header_buffers. 0: no limit."""
+
     max_request_bytes: int = 32 * MiB
+    max_header_bytes: int = 8 * KiB  # one header line, and the request line
+    max_headers: int = 100
+    header_timeout: float = 10.0  # from the first byte of a request (or the accept) to its head
+    body_timeout: float = 60.0  # between two reads of a request body
+    write_timeout: float = 60.0  # one write to a client that does not read
+    max_connections: int = 0  # open client connections, per worker
+    max_streams: int = 0  # requests in flight, per worker
+    retry_after: int = 1  # seconds, in a 503 past max_connections or max_streams
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +439,48 @@ def _read_timeouts(r: _Reader, raw: object, path: str) -> Timeouts:
     )
 
 
+def _read_limits(r: _Reader, m: Mapping[str, Any]) -> Limits:
+    d, path = Limits(), "limits"
+    return Limits(
+        max_request_bytes=r.value(m, "max_request_bytes", path, parse_size, d.max_request_bytes),
+        max_header_bytes=r.value(m, "max_header_bytes", path, parse_size, d.max_header_bytes),
+        max_headers=r.value(m, "max_headers", path, _int_in(1, 10_000), d.max_headers),
+        header_timeout=r.value(m, "header_timeout", path, parse_duration, d.header_timeout),
+        body_timeout=r.value(m, "body_timeout", path, parse_duration, d.body_timeout),
+        write_timeout=r.value(m, "write_timeout", path, parse_duration, d.write_timeout),
+        max_connections=r.value(
+            m, "max_connections", path, _int_in(0, 10_000_000), d.max_connections
+        ),
+        max_streams=r.value(m, "max_streams", path, _int_in(0, 10_000_000), d.max_streams),
+        retry_after=r.value(m, "retry_after", path, _int_in(0, 86_400), d.retry_after),
+    )
+
+
+def _read_listen(r: _Reader, raw: object) -> Listen:
+    """`host:port`, or `{address: host:port, tls: {cert, key}}` to serve HTTPS."""
+    if not isinstance(raw, dict):
+        return r.value({"listen": raw}, "listen", "", parse_listen, DEFAULT_LISTEN)
+    m = r.mapping(raw, "listen", ["address", "tls"])
+    where = r.value(m, "address", "listen", parse_listen, DEFAULT_LISTEN)
+    if "tls" not in m:
+        return where
+    t = r.mapping(m["tls"], "listen.tls", ["cert", "key"])
+    for key in ("cert", "key"):
+        if key not in t:
+            r.problems.append(f"listen.tls.{key}: required")
+    tls = Tls(
+        r.value(t, "cert", "listen.tls", _string, ""), r.value(t, "key", "listen.tls", _string, "")
+    )
+    if tls.cert and tls.key:
+        # Loaded now, so that a wrong path or a key that does not match fails `check`, not a
+        # first connection.
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as error:
+            r.problems.append(f"listen.tls: cannot load the certificate and key: {error}")
+    return Listen(where.host, where.port, tls)
+
+
 def _read_upstreams(r: _Reader, raw: object) -> dict[str, Upstream]:
     if not isinstance(raw, dict) or not raw:
         r.problems.append("upstreams: at least one upstream is required")
@@ -619,7 +680,7 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
     comp_raw = r.mapping(
         top.get("compression"), "compression", [f.name for f in fields(Compression)]
     )
-    limits_raw = r.mapping(top.get("limits"), "limits", ["max_request_bytes"])
+    limits_raw = r.mapping(top.get("limits"), "limits", [f.name for f in fields(Limits)])
     pool_raw = r.mapping(top.get("pool"), "pool", ["max_connections", "keepalive_timeout"])
     dc, dp = Compression(), Pool()
 
@@ -637,7 +698,7 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
     config = Config(
         upstreams=upstreams,
         routes=routes,
-        listen=r.value(top, "listen", "", parse_listen, DEFAULT_LISTEN),
+        listen=_read_listen(r, top.get("listen")),
         admin=Admin(
             listen=r.value(admin_raw, "listen", "admin", parse_listen, Admin().listen),
             metrics_token=r.value(admin_raw, "metrics_token", "admin", _string, "") or None,
@@ -651,11 +712,7 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
             mem_level=r.value(comp_raw, "mem_level", "compression", _int_in(1, 9), dc.mem_level),
             min_length=r.value(comp_raw, "min_length", "compression", parse_size, dc.min_length),
         ),
-        limits=Limits(
-            max_request_bytes=r.value(
-                limits_raw, "max_request_bytes", "limits", parse_size, Limits().max_request_bytes
-            )
-        ),
+        limits=_read_limits(r, limits_raw),
         pool=Pool(
             max_connections=r.value(
                 pool_raw, "max_connections", "pool", _int_in(0, 1_000_000), dp.max_connections
@@ -681,7 +738,7 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
         r.problems.append(
             "auth.require_key: no tenants are configured, so every request would fail"
         )
-    if config.listen == config.admin.listen and config.listen.port != 0:
+    if str(config.listen) == str(config.admin.listen) and config.listen.port != 0:
         r.problems.append(f"admin.listen: must differ from listen ({config.listen})")
     if r.problems:
         raise ConfigError(r.problems)
@@ -703,6 +760,8 @@ MASK = "********"
 
 
 def _plain(value: object, key: str = "") -> object:
+    if isinstance(value, Listen) and value.tls is not None:
+        return {"address": str(value), "tls": {"cert": value.tls.cert, "key": value.tls.key}}
     if isinstance(value, Listen | ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value)
     if is_dataclass(value) and not isinstance(value, type):

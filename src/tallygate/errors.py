@@ -20,7 +20,10 @@ _ANTHROPIC_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "request_too_large",
+    414: "invalid_request_error",
+    431: "invalid_request_error",
     502: "api_error",
     503: "overloaded_error",
     504: "timeout_error",
@@ -112,3 +115,39 @@ def upstream_timeout(upstream: str, which: str, seconds: float) -> ProxyError:
         "upstream_error",
         "upstream_timeout",
     )
+
+
+# Requests that never reached the handler (connection.py): what each refusal says.
+_UNPARSED = {
+    "header_timeout": "the request head did not arrive within {limit:g}s",
+    "request_line_too_long": "the request line is longer than {limit:g} bytes",
+    "headers_too_large": "a request header line is longer than {limit:g} bytes",
+    "too_many_headers": "the request has more than {limit:g} headers",
+    # The parser's own message is not repeated: it may quote a header, and so a key.
+    "bad_request": "the request is not valid HTTP/1.1",
+}
+
+
+def unparsed(status: int, reason: str, limit: float) -> ProxyError:
+    return ProxyError(
+        status, _UNPARSED[reason].format(limit=limit), "invalid_request_error", reason
+    )
+
+
+def body_timeout(seconds: float) -> ProxyError:
+    return ProxyError(
+        408, f"the request body did not arrive within {seconds:g}s",
+        "invalid_request_error", "body_timeout",
+    )  # fmt: skip
+
+
+def path_refused(why: str) -> ProxyError:
+    return ProxyError(400, f"the request path is refused: {why}", "invalid_request_error",
+                      "path_refused")  # fmt: skip
+
+
+def overloaded(what: str, limit: int) -> ProxyError:
+    return ProxyError(
+        503, f"tallygate is at its limit of {limit} {what.replace('_', ' ')}; retry later",
+        "server_error", f"too_many_{what}",
+    )  # fmt: skip

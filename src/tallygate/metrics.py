@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import accumulate
 from typing import Any
 
@@ -24,7 +24,17 @@ from .tenants import ANONYMOUS, OTHER
 
 TOKEN_TYPES = ("input", "output", "cached_input", "cache_write_input", "reasoning")
 DIRECTIONS = ("client_in", "client_out", "upstream_out", "upstream_in")
-OUTCOMES = ("ok", "client_disconnect", "upstream_error", "timeout", "rejected", "shutdown")
+OUTCOMES = (
+    "ok", "client_disconnect", "client_timeout", "upstream_error", "timeout", "rejected",
+    "shutdown",
+)  # fmt: skip
+# The codes of tallygate's own refusals (errors.py), exported at 0 from the start.
+REJECT_REASONS = (
+    "invalid_api_key", "route_not_found", "request_too_large", "not_an_open_proxy",
+    "method_not_allowed", "path_refused", "header_timeout", "body_timeout",
+    "request_line_too_long", "headers_too_large", "too_many_headers", "bad_request",
+    "too_many_connections", "too_many_streams",
+)  # fmt: skip
 ERROR_REASONS = (
     "unreachable", "connect_timeout", "first_byte_timeout", "idle_timeout", "total_timeout",
     "broken_body", "status_5xx",
@@ -225,7 +235,7 @@ class Metrics:
         )
         self.disconnects = f(
             "tallygate_client_disconnects",
-            "Clients that left before their response ended.",
+            "Clients that left before their response ended, or were cut off for not reading.",
             ("route",),
             "counter",
         )
@@ -247,6 +257,20 @@ class Metrics:
             ("upstream", "model", "tenant"),
             "counter",
         )
+        self.rejected = f(
+            "tallygate_requests_rejected",
+            "Requests tallygate answered itself without asking an upstream, by reason.",
+            ("reason",),
+            "counter",
+        )
+        self.access_log_failures = f(
+            "tallygate_access_log_failures",
+            "Usage records the access log could not write (the relay went on).",
+            (),
+            "counter",
+        )
+        self.access_log_failures.values[()] = 0.0
+        self._log_failures: Callable[[], int] = lambda: 0
         self.unpriced = f(
             "tallygate_unpriced_tokens",
             "Tokens of models without a price (costed at 0).",
@@ -262,19 +286,28 @@ class Metrics:
         self.families = [
             self.requests, self.duration, self.ttft, self.tpot, self.tokens, self.estimate_error,
             self.bytes, self.saved, self.cost, self.streams_active, self.disconnects,
-            self.upstream_errors, self.metering_errors, self.undelivered, self.unpriced, build,
-            config,
+            self.upstream_errors, self.metering_errors, self.undelivered, self.unpriced,
+            self.rejected, self.access_log_failures, build, config,
         ]  # fmt: skip
         self._export_zeros(list(routes), list(upstreams))
         registry.register(self)
 
+    def watch_access_log(self, failures: Callable[[], int]) -> None:
+        """The one metric no record can move: records lost by a failing sink, read at scrape."""
+        self._log_failures = failures
+
+    def _refresh(self) -> None:
+        self.access_log_failures.values[()] = float(self._log_failures())
+
     def collect(self) -> Iterable[Any]:
         """For prometheus_client's exposition (the scrape)."""
+        self._refresh()
         for family in self.families:
             yield family.family()
 
     def snapshot(self) -> bytes:
         """Every value, for the master of several workers to add up."""
+        self._refresh()
         return orjson.dumps(
             {f.name: [[list(key), value] for key, value in f.values.items()] for f in self.families}
         )
@@ -320,6 +353,8 @@ class Metrics:
             self.saved.touch((tenant,))
         for stage in METERING_STAGES:
             self.metering_errors.touch((stage,))
+        for reason in REJECT_REASONS:
+            self.rejected.touch((reason,))
 
     def model_label(self, name: str | None) -> str:
         """The pricing key or model name, bounded to `max_models` distinct values."""
@@ -385,7 +420,9 @@ class Metrics:
                 self.cost.inc((upstream, model, tenant, kind), costs[kind])
         if record["unpriced_tokens"]:
             self.unpriced.inc((model,), record["unpriced_tokens"])
-        if outcome == "client_disconnect":
+        if record["rejected_reason"] is not None:
+            self.rejected.inc((record["rejected_reason"],))
+        if outcome in ("client_disconnect", "client_timeout"):
             self.disconnects.inc((route,))
             delivered = record["delivered_output_tokens"]
             if delivered is not None and tokens["output"] > delivered:

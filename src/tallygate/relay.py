@@ -40,7 +40,7 @@ from .headers import ClientSide, client_response_headers, is_trusted, upstream_r
 from .metering import MeteringSettings, ResponseMeter, estimate_input, read_request
 from .metrics import Metrics
 from .pricing import Costing
-from .routing import Router, upstream_url
+from .routing import Router, path_problem, upstream_url
 from .tenants import Tenants
 from .tokens import Tokenizers
 from .usage import Exchange, head_size
@@ -54,22 +54,30 @@ _READ_CHUNK = 2**16
 
 class Watchdog:
     """Cancels the task it guards when a timeout runs out: first byte (until the response headers),
-    then idle (no progress on either side), and total over everything.
+    then idle (no byte from the upstream while tallygate waits for one), a write to the client
+    that does not complete (the client stopped reading), and total over everything.
 
-    Noting progress is one float store per read; the timer is re-armed only when it fires early,
-    so a stream of thousands of reads costs a handful of timer operations.
+    Noting progress is a float store per read and per write; the timer is re-armed only when it
+    fires early, so a stream of thousands of reads costs a handful of timer operations.
     """
 
-    __slots__ = ("_deadline", "_handle", "_idle", "_loop", "_task", "_timeouts", "expired", "last")
+    __slots__ = (
+        "_deadline", "_handle", "_idle", "_loop", "_task", "_timeouts", "_write_timeout",
+        "expired", "last", "writing",
+    )  # fmt: skip
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: Timeouts) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeouts: Timeouts, write_timeout: float
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._loop, self._task, self._timeouts = loop, task, timeouts
+        self._write_timeout = write_timeout
         now = loop.time()
         self._deadline = now + timeouts.total
         self._idle: float | None = None
-        self.last = now
+        self.last = now  # the last upstream read (or the end of the last client write)
+        self.writing: float | None = None  # since when a client write has been waiting
         self.expired: str | None = None
         self._handle = loop.call_at(self._due(), self._check)
 
@@ -81,22 +89,34 @@ class Watchdog:
         self._handle = self._loop.call_at(self._due(), self._check)
 
     def _due(self) -> float:
+        if self.writing is not None:
+            return min(self.writing + self._write_timeout, self._deadline)
         if self._idle is None:
             return min(self.last + self._timeouts.first_byte, self._deadline)
-        return min(self.last + self._idle, self._deadline)
+        # A write may start right after any read: look again within the write timeout.
+        return min(self.last + min(self._idle, self._write_timeout), self._deadline)
 
     def _check(self) -> None:
-        due = self._due()
-        if self._loop.time() < due:
-            self._handle = self._loop.call_at(due, self._check)
-            return
-        if due >= self._deadline:
+        now = self._loop.time()
+        if now >= self._deadline:
             self.expired = "total"
+        elif self.writing is not None:
+            # Blocked on the client: the upstream's silence is not the upstream's fault.
+            if now < self.writing + self._write_timeout:
+                self._handle = self._loop.call_at(self._due(), self._check)
+                return
+            self.expired = "write"
         else:
+            wait = self._timeouts.first_byte if self._idle is None else self._idle
+            if now < self.last + wait:
+                self._handle = self._loop.call_at(self._due(), self._check)
+                return
             self.expired = "first_byte" if self._idle is None else "idle"
         self._task.cancel()
 
     def seconds(self) -> float:
+        if self.expired == "write":
+            return self._write_timeout
         return float(getattr(self._timeouts, self.expired or "total"))
 
     def stop(self) -> None:
@@ -139,6 +159,7 @@ class Proxy:
             max_event_bytes=m.max_event_bytes,
             image_tokens_default=m.image_tokens_default,
         )
+        self.limits = config.limits
         self.draining = False
         self.active = 0
         self.records = 0
@@ -151,13 +172,7 @@ class Proxy:
     # -- the request's life ---------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        exchange = Exchange(
-            request_id=request.headers.get("X-Request-Id")
-            or f"{self._id_prefix}-{next(self._request_ids)}",
-            method=request.method,
-            path=request.path,
-            started=self._loop.time(),
-        )
+        exchange = self._exchange(request)
         version = request.version
         exchange.client_in = head_size(
             f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}",
@@ -174,6 +189,35 @@ class Proxy:
             self.active -= 1
             if not exchange.detached:  # else a drain task writes the record when it is done
                 self.finish(exchange)
+
+    async def unparsed(
+        self, request: web.BaseRequest, status: int, reason: str, received: int
+    ) -> web.StreamResponse:
+        """A request the HTTP parser refused, or whose head did not arrive in time: nothing of
+        it is known but its size, and it is answered and recorded all the same."""
+        exchange = self._exchange(request, method="", path="")
+        exchange.client_in = received
+        limits = self.limits
+        limit = {
+            "header_timeout": limits.header_timeout, "too_many_headers": limits.max_headers,
+        }.get(reason, limits.max_header_bytes)  # fmt: skip
+        log.info("refused an unreadable request from %s: %s", request.remote, reason)
+        try:
+            refusal = errors.unparsed(status, reason, limit)
+            return await self._refuse(request, exchange, refusal, close=True)
+        finally:
+            self.finish(exchange)
+
+    def _exchange(
+        self, request: web.BaseRequest, method: str | None = None, path: str | None = None
+    ) -> Exchange:
+        return Exchange(
+            request_id=request.headers.get("X-Request-Id")
+            or f"{self._id_prefix}-{next(self._request_ids)}",
+            method=request.method if method is None else method,
+            path=request.path if path is None else path,
+            started=self._loop.time(),
+        )
 
     def finish(self, exchange: Exchange) -> None:
         """The one place a usage record is written: exactly once per request."""
@@ -210,12 +254,23 @@ class Proxy:
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         family = errors.api_family(request.path)
+        limits = self.limits
+        if limits.max_connections and getattr(request.protocol, "over_limit", False):
+            refusal = errors.overloaded("connections", limits.max_connections)
+            return await self._refuse(request, exchange, refusal, family, close=True)
+        if limits.max_streams and self.active > limits.max_streams:
+            refusal = errors.overloaded("streams", limits.max_streams)
+            return await self._refuse(request, exchange, refusal, family)
         if request.method == "CONNECT":
             return await self._refuse(request, exchange, errors.method_refused("CONNECT"), family)
         raw_target = request.raw_path
         if not raw_target.startswith("/"):
             refusal = errors.not_a_proxy("a request target not starting with /")
             return await self._refuse(request, exchange, refusal, family)
+        path = raw_target.split("?", 1)[0]
+        problem = path_problem(path)
+        if problem is not None:
+            return await self._refuse(request, exchange, errors.path_refused(problem), family)
 
         peer = request.remote
         trusted = is_trusted(peer, self.config.trusted_proxies)
@@ -224,7 +279,6 @@ class Proxy:
             return await self._refuse(request, exchange, errors.unauthorized(), family)
         exchange.tenant = identity.tenant
 
-        path = raw_target.split("?", 1)[0]
         route = self.router.match(path)
         if route is None:
             return await self._refuse(request, exchange, errors.no_route(request.path), family)
@@ -241,7 +295,11 @@ class Proxy:
         limit = self.config.limits.max_request_bytes
         if request.content_length is not None and request.content_length > limit:
             return await self._refuse(request, exchange, errors.too_large(limit), family)
-        body = await self._read_body(request, limit, exchange)
+        try:
+            body = await self._read_body(request, limit, exchange)
+        except TimeoutError:
+            refusal = errors.body_timeout(limits.body_timeout)
+            return await self._refuse(request, exchange, refusal, family, close=True)
         if body is None:
             return await self._refuse(request, exchange, errors.too_large(limit), family)
 
@@ -263,17 +321,20 @@ class Proxy:
     async def _read_body(
         self, request: web.BaseRequest, limit: int, exchange: Exchange
     ) -> bytes | None:
-        """The whole request body, or None past `limit` (read no further than that)."""
+        """The whole request body, or None past `limit` (read no further than that). TimeoutError
+        if it takes longer than `body_timeout` in all (as Go's ReadTimeout and Caddy's read_body:
+        a client that sends a byte a second is cut off, not kept alive)."""
         if not request.body_exists:
             return b""
         parts: list[bytes] = []
         size = 0
-        while chunk := await request.content.read(_READ_CHUNK):
-            size += len(chunk)
-            exchange.client_in += len(chunk)
-            if size > limit:
-                return None
-            parts.append(chunk)
+        async with asyncio.timeout(self.limits.body_timeout):
+            while chunk := await request.content.read(_READ_CHUNK):
+                size += len(chunk)
+                exchange.client_in += len(chunk)
+                if size > limit:
+                    return None
+                parts.append(chunk)
         return b"".join(parts)
 
     # -- the upstream exchange -----------------------------------------------------------------
@@ -288,7 +349,7 @@ class Proxy:
         body: bytes,
     ) -> web.StreamResponse:
         family = errors.api_family(request.path)
-        watchdog = Watchdog(self._loop, upstream.timeouts)
+        watchdog = Watchdog(self._loop, upstream.timeouts, self.limits.write_timeout)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.timeouts.connect)
         url = upstream_url(upstream.url, target)
         data = body if body or request.method not in _BODYLESS_METHODS else None
@@ -345,13 +406,21 @@ class Proxy:
                 if meter is not None and upstream_response is not None:
                     self._client_gone(exchange, meter, upstream_response, decoder)
                 raise
+            if expired == "write":
+                # The client stopped reading: cut it off, as nginx's send_timeout does.
+                exchange.outcome = "client_timeout"
+                log.info("client of %s stopped reading; cut", exchange.request_id)
+                if meter is not None and upstream_response is not None:
+                    self._client_gone(exchange, meter, upstream_response, decoder)
+                _close(request)
+                return cast(web.StreamResponse, response)
             exchange.outcome = "timeout"
             exchange.error_reason = f"{expired}_timeout"
             log.warning("upstream %s timed out (%s)", upstream.name, expired)
             if response is None or not response.prepared:
                 timed_out = errors.upstream_timeout(upstream.name, expired, watchdog.seconds())
                 return await self._refuse(request, exchange, timed_out, family)
-            await _cut(request, response, encoder)
+            await _cut(request, response, encoder, self.limits.write_timeout)
             return response
         finally:
             watchdog.stop()
@@ -469,9 +538,12 @@ class Proxy:
                 if strips:
                     chunk = relayed or b""
                 if chunk:
+                    watchdog.writing = watchdog.last
                     await self._send(exchange, write, encoder, chunk)
+                    watchdog.writing = None
+                    watchdog.last = now()
                     if exchange.first_token_at is None and meter.text_seen:
-                        exchange.first_token_at = now()
+                        exchange.first_token_at = watchdog.last
             tail = decoder.close() if decoder is not None else b""
             relayed = meter.feed(tail) if tail else None
             tail = (relayed or b"") if strips else tail
@@ -479,10 +551,12 @@ class Proxy:
             exchange.client_out_uncompressed += len(tail)
             if encoder is not None:
                 tail = encoder.feed(tail) + encoder.close()
+            watchdog.writing = now()
             if tail:
                 exchange.client_out_body += len(tail)
                 await write(tail)
             await response.write_eof()
+            watchdog.writing = None
             if exchange.first_byte_at is None:
                 exchange.first_byte_at = now()
         except (ConnectionError, aiohttp.ClientConnectionResetError):
@@ -506,7 +580,7 @@ class Proxy:
         rest = meter.close()
         if rest:
             await self._send(exchange, response.write, encoder, rest)
-        await _cut(request, response, encoder)
+        await _cut(request, response, encoder, self.limits.write_timeout)
 
     async def _send(
         self,
@@ -586,32 +660,51 @@ class Proxy:
         request: web.BaseRequest,
         exchange: Exchange,
         error: ProxyError,
-        family: errors.ApiFamily,
+        family: errors.ApiFamily = "openai",
+        close: bool = False,
     ) -> web.StreamResponse:
         exchange.status = error.status
         if exchange.outcome == "ok":
             exchange.outcome = "rejected"
+            exchange.rejected_reason = error.code
         response = web.Response(
             status=error.status, body=error.body(family), content_type="application/json"
         )
+        if error.status == 503:
+            response.headers["Retry-After"] = str(self.limits.retry_after)
+        if close:  # the connection is over: a body unread, or one connection too many
+            response.force_close()
+            response.headers["Connection"] = "close"  # said even to a request we could not read
         # Sent here rather than by aiohttp after we return, so the record knows its size.
         with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
             await response.prepare(request)
             await response.write_eof()
         exchange.client_out = _output_size(response)
+        if close:
+            # Now, not after aiohttp's lingering read of an unread body: that would give a client
+            # that sends a byte a second 10 s more.
+            _close(request)
         exchange.first_byte_at = self._loop.time()
         return response
 
 
 async def _cut(
-    request: web.BaseRequest, response: web.StreamResponse, encoder: GzipEncoder | None
+    request: web.BaseRequest,
+    response: web.StreamResponse,
+    encoder: GzipEncoder | None,
+    write_timeout: float,
 ) -> None:
     """End a started response as broken: deliver every byte the upstream sent (out of the
     compressor too), then close the connection without a last chunk or gzip trailer, so the
     client sees a truncated body, which is the truth."""
     if encoder is not None:
-        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
-            await response.write(encoder.flush())
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError, TimeoutError):
+            async with asyncio.timeout(write_timeout):
+                await response.write(encoder.flush())
+    _close(request)
+
+
+def _close(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.close()

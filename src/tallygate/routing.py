@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from .config import Route
@@ -32,3 +33,29 @@ class Router:
 def upstream_url(base_url: str, raw_path_and_query: str) -> str:
     """Base URL path + request path, query kept, bytes as the client sent them."""
     return base_url.rstrip("/") + raw_path_and_query
+
+
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def path_problem(path: str) -> str | None:
+    """Why a request path (as sent, without its query) could escape its route's base path, or
+    None. Refused, as nginx does with `..` past the root and Envoy with escaped slashes: dot
+    segments in any spelling (`..`, `%2e%2e`), backslashes, and encoded slashes, backslashes or
+    control characters, which an upstream may decode into a path of its own."""
+    if "%" not in path and "." not in path and "\\" not in path:
+        return None  # nearly every API path: nothing to look at
+    if "\\" in path:
+        return "backslash"
+    for escape in _ESCAPE.findall(path):
+        code = int(escape, 16)
+        if code in (0x2F, 0x5C):
+            return "encoded slash or backslash"
+        if code < 0x20 or code == 0x7F:
+            return "encoded control character"
+    for segment in path.split("/"):
+        # `..;x` too: servlet containers drop the `;x` path parameter and then see `..`.
+        segment = segment.split(";", 1)[0]
+        if segment.replace("%2e", ".").replace("%2E", ".") in (".", ".."):
+            return "dot segment"
+    return None

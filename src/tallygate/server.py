@@ -12,6 +12,7 @@ import hmac
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from prometheus_client.exposition import choose_encoder
 
 from .accesslog import AccessLog
 from .config import Config, Listen, effective_config
+from .connection import Listener
 from .metrics import Metrics, config_hash
 from .pricing import Costing, EgressPrice, default_price_table
 from .relay import Proxy
@@ -30,9 +32,6 @@ from .usage import Exchange
 
 log = logging.getLogger("tallygate")
 
-# Limits of the HTTP parser toward clients, as nginx's large_client_header_buffers (8 KiB a line).
-_MAX_LINE = 8190
-_MAX_FIELD = 8190
 # Keep-alive for idle client connections, nginx's keepalive_timeout default.
 _CLIENT_KEEPALIVE = 75.0
 
@@ -56,6 +55,14 @@ def bind(listen: Listen, reuse_port: bool = False, backlog: int = _BACKLOG) -> s
         sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def tls_context(listen: Listen) -> ssl.SSLContext | None:
+    if listen.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(listen.tls.cert, listen.tls.key)
+    return context
 
 
 def port_of(sock: socket.socket) -> int:
@@ -188,6 +195,7 @@ async def start(
     session = new_session(config)
     access_log = AccessLog(config.access_log)
     metrics = new_metrics(config)
+    metrics.watch_access_log(lambda: access_log.failures)
     egress = config.pricing.egress
     costing = Costing(
         default_price_table().merged(config.pricing.models),
@@ -196,13 +204,18 @@ async def start(
     )
     proxy = Proxy(config, session, tokenizers, access_log, metrics, costing, on_record)
 
-    server = web.Server(
+    limits = config.limits
+    server = Listener(
         proxy.handle,
+        unparsed=proxy.unparsed,
+        header_timeout=limits.header_timeout,
+        max_connections=limits.max_connections,
         # A client that leaves cancels its handler, which closes the upstream request at once.
         handler_cancellation=True,
         access_log=None,
-        max_line_size=_MAX_LINE,
-        max_field_size=_MAX_FIELD,
+        max_line_size=limits.max_header_bytes,
+        max_field_size=limits.max_header_bytes,
+        max_headers=limits.max_headers,
         keepalive_timeout=_CLIENT_KEEPALIVE,
     )
     proxy_runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_grace)
@@ -212,7 +225,9 @@ async def start(
     else:
         proxy_sock = bind(Listen(config.listen.host, worker.port), reuse_port=True)
     # SockSite listens again with its own backlog (128 by default): give it ours.
-    await web.SockSite(proxy_runner, proxy_sock, backlog=_BACKLOG).start()
+    await web.SockSite(
+        proxy_runner, proxy_sock, backlog=_BACKLOG, ssl_context=tls_context(config.listen)
+    ).start()
     running = Running(proxy, port_of(proxy_sock), 0, [proxy_runner], session)
 
     if worker is None:
@@ -268,7 +283,8 @@ async def serve(
 
 
 def _where(listen: Listen, port: int) -> str:
-    return str(Listen(listen.host, port))
+    scheme = "https://" if listen.tls else ""
+    return scheme + str(Listen(listen.host, port))
 
 
 def run_loop(main: Awaitable[None]) -> None:

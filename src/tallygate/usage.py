@@ -15,7 +15,9 @@ from .dialects import Usage
 from .metering import RequestFacts, ResponseFacts
 from .pricing import COST_KINDS, Cost
 
-Outcome = Literal["ok", "client_disconnect", "upstream_error", "timeout", "rejected", "shutdown"]
+Outcome = Literal[
+    "ok", "client_disconnect", "client_timeout", "upstream_error", "timeout", "rejected", "shutdown"
+]
 TokensSource = Literal["reported", "estimated", "mixed", "none"]
 
 
@@ -59,6 +61,7 @@ class Exchange:
     reached_upstream: bool = False  # the request may have been processed: tokens can count
     client_out_body: int = 0  # response body bytes as sent (after gzip)
     error_reason: str | None = None  # why the upstream failed (metrics' reason label)
+    rejected_reason: str | None = None  # why tallygate refused the request (its error code)
     streaming_counted: bool = False  # in tallygate_streams_active
     cost: Cost | None = None
 
@@ -122,6 +125,7 @@ class Exchange:
             "delivered_output_tokens": self.delivered_output_tokens,
             "usage_requested": bool(request and request.usage_requested),
             "finish_reason": response.finish_reason if response else None,
+            "rejected_reason": self.rejected_reason,
             "upstream_errors": response.upstream_errors if response else [],
             "metering_errors": self.metering_errors,
             "bytes": {
