@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,9 +18,15 @@ EVENTS = [b'data: {"n":%d}\n\n' % i for i in range(12)]
 
 
 class Process:
-    def __init__(self, proc: asyncio.subprocess.Process, proxy: int, admin: int) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, proxy: int, admin: int, access_log: Path
+    ) -> None:
         self.proc, self.proxy, self.admin = proc, proxy, admin
+        self.access_log = access_log
         self.log: list[str] = []
+
+    def records(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.access_log.read_text().splitlines()]
 
 
 @pytest.fixture
@@ -33,9 +40,10 @@ async def serve(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[object]
             "upstreams": {"main": {"url": upstream.url}},
             "routes": [{"path_prefix": "/", "upstream": "main"}],
             "shutdown_grace": grace,
+            "access_log": str(tmp_path / "access.jsonl"),
         })  # fmt: skip
         assert "event loop uvloop" in line
-        process = Process(proc, proxy, admin)
+        process = Process(proc, proxy, admin, tmp_path / "access.jsonl")
         started.append(process)
         return process
 
@@ -84,6 +92,7 @@ async def test_sigterm_drains_in_flight_streams_and_fails_readiness(
             received += await r.read()
     assert received == b"".join(EVENTS)
     assert await asyncio.wait_for(process.proc.wait(), 10) == 0
+    assert [r["outcome"] for r in process.records()] == ["ok"]
 
 
 async def test_streams_still_running_after_the_grace_are_cut(
@@ -109,3 +118,6 @@ async def test_streams_still_running_after_the_grace_are_cut(
                 await r.read()
     assert await asyncio.wait_for(process.proc.wait(), 10) == 0
     assert 0.9 < loop.time() - signalled < 5
+    # Cut by the shutdown, and recorded as such: the log was flushed before the process went.
+    [record] = process.records()
+    assert (record["outcome"], record["status"]) == ("shutdown", 200)

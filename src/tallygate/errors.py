@@ -108,6 +108,13 @@ def upstream_unreachable(upstream: str, reason: str) -> ProxyError:
     )
 
 
+def upstream_invalid(upstream: str) -> ProxyError:
+    return ProxyError(
+        502, f"upstream '{upstream}' sent an invalid HTTP response", "upstream_error",
+        "upstream_invalid_response",
+    )  # fmt: skip
+
+
 def upstream_timeout(upstream: str, which: str, seconds: float) -> ProxyError:
     return ProxyError(
         504,

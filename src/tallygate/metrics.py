@@ -37,7 +37,7 @@ REJECT_REASONS = (
 )  # fmt: skip
 ERROR_REASONS = (
     "unreachable", "connect_timeout", "first_byte_timeout", "idle_timeout", "total_timeout",
-    "broken_body", "status_5xx",
+    "broken_body", "status_5xx", "invalid_response",
 )  # fmt: skip
 METERING_STAGES = ("request", "prompt", "framing", "dialect", "record")
 

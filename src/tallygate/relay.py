@@ -373,6 +373,15 @@ class Proxy:
                     upstream.name, "connect", upstream.timeouts.connect
                 )
                 return await self._refuse(request, exchange, refusal, family)
+            except aiohttp.ClientResponseError as error:
+                # It answered, but not in HTTP: a bad status line or head, or a body that broke
+                # before aiohttp handed us the response. Its bytes are not quoted back.
+                exchange.outcome = "upstream_error"
+                exchange.error_reason = "invalid_response"
+                log.warning("upstream %s sent an invalid response: %s", upstream.name,
+                            _describe(error))  # fmt: skip
+                refusal = errors.upstream_invalid(upstream.name)
+                return await self._refuse(request, exchange, refusal, family)
             except (aiohttp.ClientError, OSError) as error:
                 # Refused or unresolvable: the request never left. A connection lost after
                 # sending (ServerDisconnectedError) may have reached the provider.

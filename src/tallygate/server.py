@@ -8,6 +8,7 @@ worker runs `start()` without an admin listener, and the master serves it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import signal
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import _EXC_SENTINEL
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -110,12 +113,29 @@ def admin_app(
     return app
 
 
+class _UpstreamProtocol(ResponseHandler):
+    """aiohttp's client protocol, but a body that stops parsing mid-way (a broken chunk size)
+    fails the reader at once. aiohttp 3.14 fails only the connection: the reader waits forever,
+    and the stream would end 60 s later as an idle timeout instead of a broken body."""
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        payload = self._payload
+        super().set_exception(exc, exc_cause)
+        if payload is not None and not payload.is_eof() and payload.exception() is None:
+            payload.set_exception(aiohttp.ClientPayloadError(f"the body broke: {exc}"), exc)
+
+
 def new_session(config: Config) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=config.pool.max_connections,  # 0: no limit
         limit_per_host=0,
         keepalive_timeout=config.pool.keepalive_timeout,
         ttl_dns_cache=60,
+    )
+    # The protocol is built by this private factory; tests/test_hostile_upstreams.py fails if
+    # aiohttp stops using it.
+    connector._factory = functools.partial(  # type: ignore[assignment]
+        _UpstreamProtocol, loop=asyncio.get_running_loop()
     )
     return aiohttp.ClientSession(
         connector=connector,
