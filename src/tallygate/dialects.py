@@ -62,12 +62,18 @@ class Usage:
 TextSink = Callable[[str, str], None]
 
 
+# What a provider sends is not ours to trust: a field of the wrong type reads as absent (the
+# fuzz tests in tests/test_fuzz.py feed every extractor JSON of any shape).
 def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _error_message(error: object) -> str:
@@ -133,7 +139,7 @@ class OpenAIChat(Extractor):
         self._model(response.get("model"))
         if "error" in response:
             self.errors.append(_error_message(response["error"]))
-        for choice in response.get("choices") or ():
+        for choice in _list(response.get("choices")):
             choice = _dict(choice)
             self._message(_dict(choice.get("message")), _int(choice.get("index")))
             self._finish(choice)
@@ -218,7 +224,7 @@ class OpenAICompletions(OpenAIChat):
         self._model(chunk.get("model"))
         if "error" in chunk:
             self.errors.append(_error_message(chunk["error"]))
-        for choice in chunk.get("choices") or ():
+        for choice in _list(chunk.get("choices")):
             choice = _dict(choice)
             self._text(f"content:{_int(choice.get('index'))}", choice.get("text"))
             self._finish(choice)
@@ -246,7 +252,9 @@ class OpenAIResponses(Extractor):
             return False
         message = _dict(orjson.loads(data))
         kind = message.get("type") or name
-        channel = _RESPONSES_TEXT.get(str(kind))
+        if not isinstance(kind, str):
+            return False
+        channel = _RESPONSES_TEXT.get(kind)
         if channel is not None:
             self._text(f"{channel}:{_int(message.get('output_index'))}", message.get("delta"))
         elif kind == "error":
@@ -257,16 +265,16 @@ class OpenAIResponses(Extractor):
 
     def body(self, data: bytes) -> None:
         response = _dict(orjson.loads(data))
-        for index, item in enumerate(response.get("output") or ()):
+        for index, item in enumerate(_list(response.get("output"))):
             item = _dict(item)
             kind = item.get("type")
             if kind == "message":
-                for part in item.get("content") or ():
+                for part in _list(item.get("content")):
                     part = _dict(part)
                     self._text(f"content:{index}", part.get("text"))
                     self._text(f"refusal:{index}", part.get("refusal"))
             elif kind == "reasoning":
-                for part in (*(item.get("summary") or ()), *(item.get("content") or ())):
+                for part in (*(_list(item.get("summary"))), *(_list(item.get("content")))):
                     self._text(f"reasoning:{index}", _dict(part).get("text"))
             elif kind in ("function_call", "custom_tool_call", "mcp_call"):
                 self._text(f"tool:{index}", item.get("arguments") or item.get("input"))
@@ -340,7 +348,7 @@ class AnthropicMessages(Extractor):
         if message.get("type") == "error":
             self.errors.append(_error_message(message.get("error")))
         self._model(message.get("model"))
-        for index, block in enumerate(message.get("content") or ()):
+        for index, block in enumerate(_list(message.get("content"))):
             block = _dict(block)
             kind = block.get("type")
             if kind == "text":
@@ -392,7 +400,7 @@ class Ollama(Extractor):
         chat = _dict(message.get("message"))
         self._text("content:0", chat.get("content"))
         self._text("reasoning:0", chat.get("thinking"))
-        for i, call in enumerate(chat.get("tool_calls") or ()):
+        for i, call in enumerate(_list(chat.get("tool_calls"))):
             function = _dict(_dict(call).get("function"))
             self._text(f"tool:{i}", function.get("name"))
             self._text(f"tool:{i}", orjson.dumps(function.get("arguments")).decode())

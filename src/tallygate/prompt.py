@@ -84,19 +84,19 @@ class PromptEstimator:
 
     def _openai_chat(self, request: dict[str, Any], model: str) -> int:
         total = _REPLY_PRIMING
-        for message in request.get("messages") or ():
+        for message in _list(request.get("messages")):
             if not isinstance(message, dict):
                 continue
             total += _PER_MESSAGE + self._count(message.get("role"))
             total += self._openai_content(message.get("content"), model)
             if message.get("name"):
                 total += _PER_NAME + self._count(message["name"])
-            for call in message.get("tool_calls") or ():
+            for call in _list(message.get("tool_calls")):
                 function = _dict(_dict(call).get("function"))
                 total += self._count(function.get("name")) + self._count(function.get("arguments"))
             total += self._count(_dict(message.get("function_call")).get("arguments"))
-        tools = [_dict(t).get("function") for t in request.get("tools") or ()]
-        tools += list(request.get("functions") or ())
+        tools = [_dict(t).get("function") for t in _list(request.get("tools"))]
+        tools += list(_list(request.get("functions")))
         total += self._tools([t for t in tools if isinstance(t, dict)])
         response_format = _dict(request.get("response_format"))
         if response_format.get("type") == "json_schema":
@@ -170,7 +170,7 @@ class PromptEstimator:
             elif kind == "function_call_output":
                 output = item.get("output")
                 total += self._count(output) if isinstance(output, str) else self._json(output)
-        tools = [t for t in request.get("tools") or () if isinstance(t, dict)]
+        tools = [t for t in _list(request.get("tools")) if isinstance(t, dict)]
         total += self._tools([t for t in tools if t.get("type") == "function"])
         total += sum(self._json(t) for t in tools if t.get("type") != "function")
         return total
@@ -179,10 +179,10 @@ class PromptEstimator:
 
     def _anthropic(self, request: dict[str, Any]) -> int:
         total = self._anthropic_content(request.get("system"))
-        for message in request.get("messages") or ():
+        for message in _list(request.get("messages")):
             message = _dict(message)
             total += _PER_MESSAGE + self._anthropic_content(message.get("content"))
-        for tool in request.get("tools") or ():
+        for tool in _list(request.get("tools")):
             tool = _dict(tool)
             total += self._count(tool.get("name")) + self._count(tool.get("description"))
             total += self._json(tool.get("input_schema"))
@@ -214,10 +214,10 @@ class PromptEstimator:
 
     def _ollama_chat(self, request: dict[str, Any]) -> int:
         total = 0
-        for message in request.get("messages") or ():
+        for message in _list(request.get("messages")):
             message = _dict(message)
             total += _PER_MESSAGE + self._count(message.get("content"))
-            total += self._image_default * len(message.get("images") or ())
+            total += self._image_default * len(_list(message.get("images")))
         return total
 
 
@@ -296,6 +296,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list[Any]:
+    """A request's field of the wrong type reads as absent (tests/test_fuzz.py)."""
+    return value if isinstance(value, list) else []
 
 
 def _strings(value: object) -> list[object]:
