@@ -116,5 +116,6 @@ def test_systemd_unit() -> None:
         "ProtectSystem=strict",
         "DynamicUser=yes",
         "KillSignal=SIGTERM",
+        "ExecReload=/bin/kill -HUP $MAINPID",  # tests/test_reload.py proves what SIGHUP does
     ):
         assert option in unit

@@ -50,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
     except TokenizerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    run(config, tokenizers)
+    run(config, tokenizers, args.config)
     return 0
 
 

@@ -279,7 +279,7 @@ class Metrics:
         )
         build = f("tallygate_build_info", "tallygate's version.", ("version",), "gauge")
         build.values[(__version__,)] = 1.0
-        config = f(
+        config = self._config_info = f(
             "tallygate_config_info", "A hash of the effective configuration.", ("hash",), "gauge"
         )
         config.values[(config_hash,)] = 1.0
@@ -291,6 +291,17 @@ class Metrics:
         ]  # fmt: skip
         self._export_zeros(list(routes), list(upstreams))
         registry.register(self)
+
+    def reconfigure(
+        self, routes: Iterable[str], upstreams: Iterable[str], tenants: Iterable[str],
+        max_models: int, config_hash: str,
+    ) -> None:  # fmt: skip
+        """After a reload: new label values are exported at 0; the series of removed routes,
+        upstreams and tenants stay, as counters must not go back."""
+        self._tenants = frozenset(tenants)
+        self._max_models = max_models
+        self._config_info.values = {(config_hash,): 1.0}
+        self._export_zeros(list(routes), list(upstreams))
 
     def watch_access_log(self, failures: Callable[[], int]) -> None:
         """The one metric no record can move: records lost by a failing sink, read at scrape."""

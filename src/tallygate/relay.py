@@ -136,19 +136,32 @@ class Proxy:
         costing: Costing,
         on_record: Callable[[Exchange], None] | None = None,
     ) -> None:
-        self.config = config
         self.metrics = metrics
+        self.session = session
+        self.access_log = access_log
+        self.on_record = on_record
+        self.configure(config, tokenizers, costing)
+        self.draining = False
+        self.active = 0
+        self.records = 0
+        self._drains: set[asyncio.Task[None]] = set()
+        # Request ids: this process (a worker is a fork: not the pid at import) and a counter.
+        self._id_prefix = f"{os.getpid():x}"
+        self._request_ids = itertools.count(1)
+        self._loop = asyncio.get_event_loop()
+
+    def configure(self, config: Config, tokenizers: Tokenizers | None, costing: Costing) -> None:
+        """Take a configuration: at start, and on reload (SIGHUP). Requests in flight keep the
+        upstream and settings they started with; the next ones get these."""
+        self.config = config
         self.costing = costing
         self.tenants = Tenants(
             {name: tenant.keys for name, tenant in config.tenants.items()},
             config.tenant_header,
             config.require_key,
         )
-        self.session = session
         self.router = Router(config.routes)
         self.tokenizers = tokenizers
-        self.access_log = access_log
-        self.on_record = on_record
         self.gzip = GzipSettings(
             config.compression.level, config.compression.window_bits, config.compression.mem_level
         )
@@ -160,14 +173,6 @@ class Proxy:
             image_tokens_default=m.image_tokens_default,
         )
         self.limits = config.limits
-        self.draining = False
-        self.active = 0
-        self.records = 0
-        self._drains: set[asyncio.Task[None]] = set()
-        # Request ids: this process (a worker is a fork: not the pid at import) and a counter.
-        self._id_prefix = f"{os.getpid():x}"
-        self._request_ids = itertools.count(1)
-        self._loop = asyncio.get_event_loop()
 
     # -- the request's life ---------------------------------------------------------------------
 
@@ -639,11 +644,11 @@ class Proxy:
         decoder: UpstreamDecoder | None,
     ) -> None:
         """The rest of the body, through the same decoder and meter the relay was using."""
-        upstream = self.config.upstreams[exchange.upstream]
+        # The upstream may have left the configuration by a reload since the request started.
+        upstream = self.config.upstreams.get(exchange.upstream)
+        total = upstream.timeouts.total if upstream else Timeouts().total
         try:
-            async with asyncio.timeout(
-                min(self.config.metering.drain_timeout, upstream.timeouts.total)
-            ):
+            async with asyncio.timeout(min(self.config.metering.drain_timeout, total)):
                 while chunk := await upstream_response.content.readany():
                     exchange.upstream_in += len(chunk)
                     meter.feed(decoder.feed(chunk) if decoder is not None else chunk)

@@ -8,6 +8,7 @@ worker runs `start()` without an admin listener, and the master serves it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import logging
@@ -25,12 +26,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .accesslog import AccessLog
-from .config import Config, Listen, effective_config
+from .config import Config, ConfigError, Listen, effective_config, load_config
 from .connection import Listener
 from .metrics import Metrics, config_hash
 from .pricing import Costing, EgressPrice, default_price_table
 from .relay import Proxy
-from .tokens import Tokenizers
+from .tokens import TokenizerError, Tokenizers
 from .usage import Exchange
 
 log = logging.getLogger("tallygate")
@@ -176,13 +177,67 @@ class WorkerSlot:
     snapshot_path: str  # a unix socket where the master asks for this worker's metrics
 
 
+# What a reload cannot change in a running process: sockets, processes and the upstream pool.
+RESTART_KEYS = ("listen", "admin", "workers", "pool", "shutdown_grace")
+
+
+def for_reload(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """The configuration a reload applies: `new`, with the keys that need a restart kept as they
+    run, and the names of those that changed (to be reported, not applied)."""
+    before, after = effective_config(running), effective_config(new)
+    changed = [key for key in RESTART_KEYS if before[key] != after[key]]
+    kept = {key: getattr(running, key) for key in RESTART_KEYS}
+    return dataclasses.replace(new, **kept), changed
+
+
+def read_for_reload(path: str, running: Config) -> tuple[Config, Tokenizers | None, list[str]]:
+    """Read and validate the file again, and load its encodings (blocking: run it off the loop).
+    ConfigError or TokenizerError leave the running configuration as it is."""
+    config, changed = for_reload(running, load_config(path))
+    return config, load_tokenizers(config), changed
+
+
+def new_costing(config: Config) -> Costing:
+    egress = config.pricing.egress
+    return Costing(
+        default_price_table().merged(config.pricing.models),
+        EgressPrice(egress.usd_per_gb, egress.free_gb, egress.tiers, egress.gb_bytes),
+        egress.directions,
+    )
+
+
 @dataclass
 class Running:
     proxy: Proxy
     proxy_port: int
     admin_port: int  # 0 for a worker: the master serves the admin listener
+    config: Config
+    listener: Listener
     _runners: list[web.BaseRunner] = field(default_factory=list)
     _session: aiohttp.ClientSession | None = None
+
+    def reload(self, config: Config, tokenizers: Tokenizers | None) -> None:
+        """Apply a configuration from `read_for_reload`: routes, upstreams, tenants, limits,
+        compression, metering, pricing and the access log take effect for the next request."""
+        proxy = self.proxy
+        proxy.configure(config, tokenizers, new_costing(config))
+        limits = config.limits
+        self.listener.header_timeout = limits.header_timeout
+        self.listener.max_connections = limits.max_connections
+        # The parser's limits, for connections accepted from now on.
+        self.listener._kwargs.update(
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+        )
+        if config.access_log != self.config.access_log:
+            old, proxy.access_log = proxy.access_log, AccessLog(config.access_log)
+            asyncio.get_running_loop().run_in_executor(None, old.close)  # its queue, written out
+        proxy.metrics.reconfigure(
+            [route.path_prefix for route in config.routes], list(config.upstreams),
+            list(config.tenants), config.metrics.max_models, config_hash(effective_config(config)),
+        )  # fmt: skip
+        self.config = config
 
     async def drain_and_stop(self) -> None:
         """Stop accepting, let in-flight requests finish within shutdown_grace, then close.
@@ -215,14 +270,9 @@ async def start(
     session = new_session(config)
     access_log = AccessLog(config.access_log)
     metrics = new_metrics(config)
-    metrics.watch_access_log(lambda: access_log.failures)
-    egress = config.pricing.egress
-    costing = Costing(
-        default_price_table().merged(config.pricing.models),
-        EgressPrice(egress.usd_per_gb, egress.free_gb, egress.tiers, egress.gb_bytes),
-        egress.directions,
-    )
-    proxy = Proxy(config, session, tokenizers, access_log, metrics, costing, on_record)
+    proxy = Proxy(config, session, tokenizers, access_log, metrics, new_costing(config), on_record)
+    # The proxy's log, not this one: a reload may replace it.
+    metrics.watch_access_log(lambda: proxy.access_log.failures)
 
     limits = config.limits
     server = Listener(
@@ -248,7 +298,7 @@ async def start(
     await web.SockSite(
         proxy_runner, proxy_sock, backlog=_BACKLOG, ssl_context=tls_context(config.listen)
     ).start()
-    running = Running(proxy, port_of(proxy_sock), 0, [proxy_runner], session)
+    running = Running(proxy, port_of(proxy_sock), 0, config, server, [proxy_runner], session)
 
     if worker is None:
         admin = admin_app(
@@ -279,9 +329,12 @@ def _snapshot_app(metrics: Metrics) -> web.Application:
 
 
 async def serve(
-    config: Config, tokenizers: Tokenizers | None, worker: WorkerSlot | None = None
+    config: Config,
+    tokenizers: Tokenizers | None,
+    worker: WorkerSlot | None = None,
+    path: str | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+    """Run until SIGTERM or SIGINT, then drain. SIGHUP reads `path` again and applies it."""
     running = await start(config, tokenizers, worker=worker)
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     if worker is None:
@@ -297,9 +350,37 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    if path is not None:
+
+        def on_hangup() -> None:
+            task = loop.create_task(_reload(running, path))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
     log.info("signal received, shutting down (grace %gs)", config.shutdown_grace)
     await running.drain_and_stop()
+
+
+async def _reload(running: Running, path: str) -> None:
+    try:
+        config, tokenizers, changed = await asyncio.get_running_loop().run_in_executor(
+            None, read_for_reload, path, running.config
+        )
+    except (ConfigError, TokenizerError) as error:
+        log.error("reload refused, the configuration in use is unchanged:\n%s", error)
+        return
+    running.reload(config, tokenizers)
+    report_reload(path, config, changed)
+
+
+def report_reload(path: str, config: Config, changed: list[str]) -> None:
+    log.info("reloaded %s (config hash %s)", path, config_hash(effective_config(config)))
+    if changed:
+        log.warning("reload: %s changed but need a restart; still running with the old values",
+                    ", ".join(changed))  # fmt: skip
 
 
 def _where(listen: Listen, port: int) -> str:
@@ -316,10 +397,10 @@ def run_loop(main: Awaitable[None]) -> None:
         uvloop.run(main)  # type: ignore[arg-type]
 
 
-def run(config: Config, tokenizers: Tokenizers | None) -> None:
+def run(config: Config, tokenizers: Tokenizers | None, path: str | None = None) -> None:
     if config.workers > 1:
         from .workers import supervise
 
-        supervise(config, tokenizers)
+        supervise(config, tokenizers, path)
     else:
-        run_loop(serve(config, tokenizers))
+        run_loop(serve(config, tokenizers, path=path))

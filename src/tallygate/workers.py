@@ -24,7 +24,8 @@ import time
 import aiohttp
 from aiohttp import web
 
-from .config import Config
+from .config import Config, ConfigError, effective_config
+from .metrics import config_hash
 from .server import (
     WorkerSlot,
     _where,
@@ -32,11 +33,13 @@ from .server import (
     bind,
     new_metrics,
     port_of,
+    read_for_reload,
     registry_renderer,
+    report_reload,
     run_loop,
     serve,
 )
-from .tokens import Tokenizers
+from .tokens import TokenizerError, Tokenizers
 
 log = logging.getLogger("tallygate.workers")
 
@@ -45,7 +48,11 @@ _RESTART_BACKOFF = 1.0
 
 
 def _spawn(
-    config: Config, tokenizers: Tokenizers | None, slot: WorkerSlot, close: list[socket.socket]
+    config: Config,
+    tokenizers: Tokenizers | None,
+    slot: WorkerSlot,
+    close: list[socket.socket],
+    path: str | None,
 ) -> int:
     pid = os.fork()
     if pid:
@@ -58,10 +65,12 @@ def _spawn(
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+        # A reload forwarded before this worker's loop handles SIGHUP must not end it.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for sock in close:
             sock.close()
         _die_with_parent()
-        run_loop(serve(config, tokenizers, worker=slot))
+        run_loop(serve(config, tokenizers, worker=slot, path=path))
     except BaseException:
         log.exception("worker %d failed", slot.index)
         code = 1
@@ -71,9 +80,12 @@ def _spawn(
 
 
 class Master:
-    def __init__(self, config: Config, tokenizers: Tokenizers | None) -> None:
+    def __init__(
+        self, config: Config, tokenizers: Tokenizers | None, path: str | None = None
+    ) -> None:
         self.config = config
         self.tokenizers = tokenizers
+        self.path = path
         self.runtime = tempfile.mkdtemp(prefix="tallygate-")
         # Reserve the port (and learn it, when it is 0) without accepting on it ourselves.
         self.reserved = bind(config.listen, reuse_port=True, backlog=0)
@@ -96,7 +108,7 @@ class Master:
     def _spawn(self, slot: WorkerSlot) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(slot.snapshot_path)
-        pid = _spawn(self.config, self.tokenizers, slot, self.sockets)
+        pid = _spawn(self.config, self.tokenizers, slot, self.sockets, self.path)
         self.pids[pid] = slot
         self.started[slot.index] = time.monotonic()
 
@@ -124,6 +136,15 @@ class Master:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        reloads: set[asyncio.Task[None]] = set()
+        if self.path is not None:
+
+            def on_hangup() -> None:
+                task = loop.create_task(self._reload())
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
         self._reap()  # a worker may have gone before the handler was in place
         app = admin_app(lambda: self.draining, self.render, self.config.admin.metrics_token)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -155,6 +176,27 @@ class Master:
         shutil.rmtree(self.runtime, ignore_errors=True)
         log.info("stopped")
 
+    async def _reload(self) -> None:
+        """SIGHUP: check the file here first, so a bad one is refused once and loudly; then each
+        worker reads and applies it (as `serve` does alone), and workers started later get it."""
+        assert self.path is not None
+        try:
+            config, tokenizers, changed = await asyncio.get_running_loop().run_in_executor(
+                None, read_for_reload, self.path, self.config
+            )
+        except (ConfigError, TokenizerError) as error:
+            log.error("reload refused, the configuration in use is unchanged:\n%s", error)
+            return
+        self.config, self.tokenizers = config, tokenizers
+        self.metrics.reconfigure(
+            [route.path_prefix for route in config.routes], list(config.upstreams),
+            list(config.tenants), config.metrics.max_models, config_hash(effective_config(config)),
+        )  # fmt: skip
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        report_reload(self.path, config, changed)
+
     def _reap(self) -> None:
         """On SIGCHLD: collect exited workers; start again those that died while serving."""
         loop = asyncio.get_running_loop()
@@ -180,8 +222,8 @@ class Master:
             self._spawn(slot)
 
 
-def supervise(config: Config, tokenizers: Tokenizers | None) -> None:
-    master = Master(config, tokenizers)
+def supervise(config: Config, tokenizers: Tokenizers | None, path: str | None = None) -> None:
+    master = Master(config, tokenizers, path)
     master.spawn_all()  # before the master's loop exists: a fork must not copy a running loop
     # asyncio's own loop: the master moves little traffic, and uvloop keeps SIGCHLD to itself.
     asyncio.run(master.run())
