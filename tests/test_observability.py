@@ -1,5 +1,5 @@
 """The shipped dashboard and Prometheus rules: valid, about metrics tallygate exports, and every
-expression returns data from a real Prometheus scraping tallygate under load."""
+expression returns data from a real Prometheus scraping `tallygate demo` under load."""
 
 from __future__ import annotations
 
@@ -9,17 +9,15 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
-from aiohttp import web
 from test_prometheus import Prometheus, free_port, spawn
 
-from tallygate.simulator import Simulator, SimulatorSettings
-
-from conftest import ROOT, FakeUpstream, ProxyFactory
+from conftest import ROOT
 
 PROMTOOL = shutil.which("promtool")
 if PROMTOOL is None and os.environ.get("CI"):
@@ -91,44 +89,37 @@ def test_dashboard_and_rules_use_only_exported_metrics() -> None:
 
 
 @needs_prometheus
-async def test_every_expression_returns_data(
-    upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
-) -> None:
-    simulator = Simulator(
-        SimulatorSettings(ttft=0.01, tokens_per_second=0, output_tokens=30, seed=3)
-    )
-
-    async def route(request: web.Request) -> web.StreamResponse:
-        if (
-            request.path == "/v1/slow/chat/completions"
-        ):  # a long stream, for a client that leaves halfway
-            slow = Simulator(SimulatorSettings(ttft=0, tokens_per_second=20, output_tokens=100))
-            return await slow.openai_chat(request)
-        return await simulator.dispatch(request)
-
-    upstream.handler = route
-    running = await make_proxy(metering={"on_client_disconnect": "drain"})
+async def test_every_expression_returns_data(tmp_path: Path) -> None:
+    """`tallygate demo` (the README's first command) and a real Prometheus: after a short bounded
+    load, every dashboard and rule expression returns data."""
+    proxy_port, admin_port = free_port(), free_port()
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tallygate", "demo", "--listen", f"127.0.0.1:{proxy_port}",
+        "--admin", f"127.0.0.1:{admin_port}", "--ttft", "10ms", "--tokens-per-second", "100",
+        "--output-tokens", "30", "--seed", "3",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ROOT / "deploy" / "prometheus" / "rules.yml")],
         "scrape_configs": [
             {
                 "job_name": "tallygate",
-                "static_configs": [{"targets": [f"127.0.0.1:{running.admin_port}"]}],
+                "static_configs": [{"targets": [f"127.0.0.1:{admin_port}"]}],
             }
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     prometheus = Prometheus(port, spawn(tmp_path, port))
-    base = f"http://127.0.0.1:{running.proxy_port}"
+    base = f"http://127.0.0.1:{proxy_port}"
     chat = json.dumps(
         {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
     ).encode()
     try:
         async with aiohttp.ClientSession() as client:
             async with asyncio.timeout(60):
-                while True:  # until Prometheus has scraped once
+                while True:  # until Prometheus has scraped the demo once
                     await asyncio.sleep(0.5)
                     try:
                         if await prometheus.query(client, 'up{job="tallygate"} == 1'):
@@ -141,9 +132,11 @@ async def test_every_expression_returns_data(
                         base + path, data=chat, headers={"Accept-Encoding": "gzip"}
                     ) as r:
                         await r.read()
-                reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy_port)
+                # A client that leaves after the first event: the demo drains the rest, so
+                # tokens paid for but not delivered have data.
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
                 writer.write(
-                    b"POST /v1/slow/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                     % (len(chat), chat)
                 )
                 await reader.readuntil(b"\n\n")
@@ -161,3 +154,5 @@ async def test_every_expression_returns_data(
     finally:
         prometheus.process.terminate()
         prometheus.process.wait(timeout=10)
+        demo.terminate()
+        await asyncio.wait_for(demo.wait(), 15)

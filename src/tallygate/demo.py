@@ -62,7 +62,9 @@ def demo_config(listen: Listen, admin: Listen, upstream: str, estimate: bool) ->
             {"path_prefix": "/api", "upstream": "ollama"},
             {"path_prefix": "/", "upstream": "openai"},
         ],
-        "metering": {"estimate": estimate},
+        # Drain: a client that leaves still gets its stream metered to the provider's usage, so
+        # the dashboard's "paid for, not delivered" panel has something to show.
+        "metering": {"estimate": estimate, "on_client_disconnect": "drain"},
         "shutdown_grace": "2s",
     }
 
