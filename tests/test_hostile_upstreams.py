@@ -145,7 +145,7 @@ async def test_a_content_length_shorter_than_the_body_ends_at_the_length(
 
 
 async def test_a_response_that_is_not_http_is_a_502_that_quotes_nothing(
-    make_proxy: ProxyFactory, records: RecordLog
+    make_proxy: ProxyFactory, records: RecordLog, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The extra bytes arrive with the head: aiohttp's parser refuses them as a second response
     before the first is handed over. Nothing was sent yet, so the client gets a clean error."""
@@ -158,6 +158,8 @@ async def test_a_response_that_is_not_http_is_a_502_that_quotes_nothing(
     received, ending, status = await relay(make_proxy, serve)
     assert status == 502 and ending is None
     assert b"upstream_invalid_response" in received and secret not in received
+    assert "sent an invalid response" in caplog.text
+    assert secret.decode() not in caplog.text
     await records.wait_for(1)
     assert (records[0]["outcome"], records[0]["status"]) == ("upstream_error", 502)
 

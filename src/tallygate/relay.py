@@ -383,8 +383,9 @@ class Proxy:
                 # before aiohttp handed us the response. Its bytes are not quoted back.
                 exchange.outcome = "upstream_error"
                 exchange.error_reason = "invalid_response"
-                log.warning("upstream %s sent an invalid response: %s", upstream.name,
-                            _describe(error))  # fmt: skip
+                # Its own words only: aiohttp's message goes on to quote the upstream's bytes.
+                what = str(error.message).split(":", 1)[0][:100]
+                log.warning("upstream %s sent an invalid response: %s", upstream.name, what)
                 refusal = errors.upstream_invalid(upstream.name)
                 return await self._refuse(request, exchange, refusal, family)
             except (aiohttp.ClientError, OSError) as error:
