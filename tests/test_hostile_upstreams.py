@@ -33,6 +33,15 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+FIRST = b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
+
+
+async def first_event(writer: asyncio.StreamWriter) -> None:
+    """A chunked event-stream head and its first event, sent and flushed."""
+    writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(FIRST))
+    await writer.drain()
+
+
 async def relay(
     make_proxy: ProxyFactory, serve: Serve, idle: str | None = None, **overrides: object
 ) -> tuple[bytes, str | None, int]:
@@ -167,15 +176,12 @@ async def test_a_response_that_is_not_http_is_a_502_that_quotes_nothing(
 async def test_an_upstream_that_hangs_after_the_headers_is_cut_at_the_idle_timeout(
     make_proxy: ProxyFactory, records: RecordLog
 ) -> None:
-    first = b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
-
     async def serve(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(first))
-        await writer.drain()
+        await first_event(writer)
         await asyncio.sleep(5)
 
     received, ending, status = await relay(make_proxy, serve, idle="300ms")
-    assert (received, status) == (first, 200)
+    assert (received, status) == (FIRST, 200)
     assert ending is not None  # no [DONE], no last chunk: a cut
     await records.wait_for(1)
     assert (records[0]["outcome"], records[0]["status"]) == ("timeout", 200)
@@ -184,11 +190,8 @@ async def test_an_upstream_that_hangs_after_the_headers_is_cut_at_the_idle_timeo
 async def test_a_failure_after_the_first_byte_never_counts_as_a_success(
     make_proxy: ProxyFactory, records: RecordLog
 ) -> None:
-    first = b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
-
     async def serve(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(first))
-        await writer.drain()
+        await first_event(writer)
         await asyncio.sleep(0.1)  # the first byte is at the client
         writer.write(b"zz\r\n")  # a broken chunk size, then gone
 
