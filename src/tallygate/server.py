@@ -197,6 +197,13 @@ def read_for_reload(path: str, running: Config) -> tuple[Config, Tokenizers | No
     return config, load_tokenizers(config), changed
 
 
+def reconfigure_metrics(metrics: Metrics, config: Config) -> None:
+    metrics.reconfigure(
+        [route.path_prefix for route in config.routes], list(config.upstreams),
+        list(config.tenants), config.metrics.max_models, config_hash(effective_config(config)),
+    )  # fmt: skip
+
+
 def new_costing(config: Config) -> Costing:
     egress = config.pricing.egress
     return Costing(
@@ -233,10 +240,7 @@ class Running:
         if config.access_log != self.config.access_log:
             old, proxy.access_log = proxy.access_log, AccessLog(config.access_log)
             asyncio.get_running_loop().run_in_executor(None, old.close)  # its queue, written out
-        proxy.metrics.reconfigure(
-            [route.path_prefix for route in config.routes], list(config.upstreams),
-            list(config.tenants), config.metrics.max_models, config_hash(effective_config(config)),
-        )  # fmt: skip
+        reconfigure_metrics(proxy.metrics, config)
         self.config = config
 
     async def drain_and_stop(self) -> None:

@@ -24,8 +24,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from .config import Config, ConfigError, effective_config
-from .metrics import config_hash
+from .config import Config, ConfigError
 from .server import (
     WorkerSlot,
     _where,
@@ -34,6 +33,7 @@ from .server import (
     new_metrics,
     port_of,
     read_for_reload,
+    reconfigure_metrics,
     registry_renderer,
     report_reload,
     run_loop,
@@ -188,10 +188,7 @@ class Master:
             log.error("reload refused, the configuration in use is unchanged:\n%s", error)
             return
         self.config, self.tokenizers = config, tokenizers
-        self.metrics.reconfigure(
-            [route.path_prefix for route in config.routes], list(config.upstreams),
-            list(config.tenants), config.metrics.max_models, config_hash(effective_config(config)),
-        )  # fmt: skip
+        reconfigure_metrics(self.metrics, config)
         for pid in list(self.pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
