@@ -297,7 +297,7 @@ class Proxy:
             dialect = cast(Dialect, route.dialect)
         exchange.dialect = dialect
 
-        limit = self.config.limits.max_request_bytes
+        limit = limits.max_request_bytes
         if request.content_length is not None and request.content_length > limit:
             return await self._refuse(request, exchange, errors.too_large(limit), family)
         try:

@@ -15,8 +15,9 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -190,11 +191,34 @@ def for_reload(running: Config, new: Config) -> tuple[Config, list[str]]:
     return dataclasses.replace(new, **kept), changed
 
 
-def read_for_reload(path: str, running: Config) -> tuple[Config, Tokenizers | None, list[str]]:
-    """Read and validate the file again, and load its encodings (blocking: run it off the loop).
-    ConfigError or TokenizerError leave the running configuration as it is."""
+def _read(path: str, running: Config) -> tuple[Config, Tokenizers | None, list[str]]:
     config, changed = for_reload(running, load_config(path))
     return config, load_tokenizers(config), changed
+
+
+async def read_for_reload(
+    path: str, running: Config
+) -> tuple[Config, Tokenizers | None, list[str]] | None:
+    """Read and validate the file again and load its encodings, off the loop. None, with the
+    problems logged, when it is refused: the running configuration stays as it is."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, _read, path, running)
+    except (ConfigError, TokenizerError) as error:
+        log.error("reload refused, the configuration in use is unchanged:\n%s", error)
+        return None
+
+
+def on_signal(signum: int, reload: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `reload()` as a task at each `signum`, kept referenced until it is done."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def start() -> None:
+        task = loop.create_task(reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signum, start)
 
 
 def reconfigure_metrics(metrics: Metrics, config: Config) -> None:
@@ -354,28 +378,18 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    reloads: set[asyncio.Task[None]] = set()
     if path is not None:
-
-        def on_hangup() -> None:
-            task = loop.create_task(_reload(running, path))
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        on_signal(signal.SIGHUP, lambda: _reload(running, path))
     await stop.wait()
     log.info("signal received, shutting down (grace %gs)", config.shutdown_grace)
     await running.drain_and_stop()
 
 
 async def _reload(running: Running, path: str) -> None:
-    try:
-        config, tokenizers, changed = await asyncio.get_running_loop().run_in_executor(
-            None, read_for_reload, path, running.config
-        )
-    except (ConfigError, TokenizerError) as error:
-        log.error("reload refused, the configuration in use is unchanged:\n%s", error)
+    read = await read_for_reload(path, running.config)
+    if read is None:
         return
+    config, tokenizers, changed = read
     running.reload(config, tokenizers)
     report_reload(path, config, changed)
 

@@ -24,13 +24,14 @@ import time
 import aiohttp
 from aiohttp import web
 
-from .config import Config, ConfigError
+from .config import Config
 from .server import (
     WorkerSlot,
     _where,
     admin_app,
     bind,
     new_metrics,
+    on_signal,
     port_of,
     read_for_reload,
     reconfigure_metrics,
@@ -39,7 +40,7 @@ from .server import (
     run_loop,
     serve,
 )
-from .tokens import TokenizerError, Tokenizers
+from .tokens import Tokenizers
 
 log = logging.getLogger("tallygate.workers")
 
@@ -136,15 +137,8 @@ class Master:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
-        reloads: set[asyncio.Task[None]] = set()
         if self.path is not None:
-
-            def on_hangup() -> None:
-                task = loop.create_task(self._reload())
-                reloads.add(task)
-                task.add_done_callback(reloads.discard)
-
-            loop.add_signal_handler(signal.SIGHUP, on_hangup)
+            on_signal(signal.SIGHUP, self._reload)
         self._reap()  # a worker may have gone before the handler was in place
         app = admin_app(lambda: self.draining, self.render, self.config.admin.metrics_token)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -180,13 +174,10 @@ class Master:
         """SIGHUP: check the file here first, so a bad one is refused once and loudly; then each
         worker reads and applies it (as `serve` does alone), and workers started later get it."""
         assert self.path is not None
-        try:
-            config, tokenizers, changed = await asyncio.get_running_loop().run_in_executor(
-                None, read_for_reload, self.path, self.config
-            )
-        except (ConfigError, TokenizerError) as error:
-            log.error("reload refused, the configuration in use is unchanged:\n%s", error)
+        read = await read_for_reload(self.path, self.config)
+        if read is None:
             return
+        config, tokenizers, changed = read
         self.config, self.tokenizers = config, tokenizers
         reconfigure_metrics(self.metrics, config)
         for pid in list(self.pids):
