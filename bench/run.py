@@ -341,13 +341,7 @@ def measure_throughput(target: Target, scratch: Path, counts: dict[int, int]) ->
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run (CI)")
-    parser.add_argument("--out", type=Path, default=HERE / "results.md")
-    args = parser.parse_args()
+def prepare_environment() -> None:
     for tool in ("nginx", "h2load", "taskset"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed (Debian: nginx-light, nghttp2-client, util-linux)")
@@ -356,6 +350,16 @@ def main() -> None:
     shared_cache = HERE.parent.parent / "shared" / "tiktoken-cache"
     if shared_cache.is_dir():  # offline machines (and CI): the encodings beside the checkout
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(shared_cache))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run (CI)")
+    parser.add_argument("--out", type=Path, default=HERE / "results.md")
+    args = parser.parse_args()
+    prepare_environment()
     quick = args.quick
     counts = {1: 200, 32: 1000, 256: 1000} if quick else {1: 500, 32: 6000, 256: 6000}
     paced_runs = [(50, 0.02)] if quick else [(1000, 0.1), (5000, 0.5)]

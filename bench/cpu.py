@@ -1,0 +1,102 @@
+"""CPU per streamed request, A/B: the measure that survives this machine's noise.
+
+    python bench/cpu.py [--rounds 3] [--requests 5000] [--variant NAME=KIND[@TREE]] ...
+
+KIND is one of: bare, bare-gzip (bench/bare_relay.py), relay (tallygate, metering off, no
+gzip), metering, gzip (metering and gzip). TREE is another checkout's root (a git worktree) whose
+`src/` is used instead of this one's, to compare two commits. Each target is pinned to core 0,
+the upstream and h2load to core 1; variants run in turn, round after round, and the report gives
+each one's CPU microseconds per request (its own CPU time from /proc, over an h2load run at c=32)
+as the median of the rounds, with every round's figure. Requests/s swing with whatever else
+shares the machine; a process's CPU time per request swings far less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run  # noqa: E402
+
+KINDS = ("bare", "bare-gzip", "relay", "metering", "gzip")
+
+
+def start(kind: str, tree: Path | None, scratch: Path, upstream: int) -> run.Target:
+    if kind.startswith("bare"):
+        port = run.free_port()
+        gzip = kind == "bare-gzip"
+        args = [sys.executable, str(HERE / "bare_relay.py"), "--port", str(port),
+                "--upstream", str(upstream), *(["--gzip"] if gzip else [])]  # fmt: skip
+        proc = run.spawn(args, run.PROXY_CORE, scratch / "bare.log")
+        run.wait_port(port)
+        return run.Target(kind, port, [proc.pid], [proc], gzip)
+    source = str((tree or HERE.parent) / "src")
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = source
+    try:
+        return run.start_tallygate(scratch, upstream, kind, kind != "relay", kind == "gzip")
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=KIND[@TREE]; default: one of each kind on this tree")  # fmt: skip
+    args = parser.parse_args()
+    run.prepare_environment()
+    variants: list[tuple[str, str, Path | None]] = []
+    for spec in args.variant or [f"{kind}={kind}" for kind in KINDS]:
+        name, _, rest = spec.partition("=")
+        kind, _, tree = rest.partition("@")
+        if kind not in KINDS:
+            sys.exit(f"unknown kind {kind!r} in {spec!r}; one of {', '.join(KINDS)}")
+        variants.append((name, kind, Path(tree).resolve() if tree else None))
+
+    scratch = Path(tempfile.mkdtemp(prefix="tallygate-cpu-"))
+    upstream = run.start_upstream(scratch, 0)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in variants}
+    try:
+        for round_ in range(args.rounds):
+            for name, kind, tree in variants:
+                target = start(kind, tree, scratch, upstream.port)
+                try:
+                    run.h2load(target.port, 500, 32, target.gzip, scratch)  # warm up
+                    time.sleep(0.2)
+                    before = sum(run.cpu_seconds(pid) for pid in target.pids)
+                    rate = run.h2load(target.port, args.requests, 32, target.gzip, scratch)
+                    spent = sum(run.cpu_seconds(pid) for pid in target.pids) - before
+                finally:
+                    target.stop()
+                us = spent / args.requests * 1e6
+                results[name].append((us, rate))
+                print(f"round {round_ + 1} {name}: {us:.0f} us/request, {rate:.0f} req/s",
+                      file=sys.stderr)  # fmt: skip
+    finally:
+        upstream.stop()
+    print("| variant | CPU us/request, median | rounds | req/s c=32, median |")
+    print("|---|---|---|---|")
+    for name, kind, tree in variants:
+        runs = results[name]
+        label = f"{name} ({kind}{', ' + str(tree) if tree else ''})"
+        print(f"| {label} | {statistics.median(u for u, _ in runs):.0f} | "
+              f"{', '.join(f'{u:.0f}' for u, _ in runs)} | "
+              f"{statistics.median(r for _, r in runs):.0f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
