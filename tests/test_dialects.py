@@ -23,9 +23,7 @@ DIALECT_OF_ENDPOINT = {
 
 def extract(case: Case):
     texts: dict[str, list[str]] = defaultdict(list)
-    extractor = extractor_for(
-        detect_dialect(case.path), lambda channel, text: texts[channel].append(text)
-    )
+    extractor = extractor_for(detect_dialect(case.path))
     if case.content_type == "application/x-ndjson":
         framer = NdjsonFramer()
         usage_only = [
@@ -38,6 +36,8 @@ def extract(case: Case):
             for e in framer.feed(case.body) + framer.close()
             if e.data is not None
         ]
+    for channel, pieces in extractor.take_texts().items():
+        texts[channel] += pieces
     return extractor, {k: "".join(v) for k, v in texts.items()}, usage_only
 
 
@@ -87,24 +87,24 @@ def test_detect_dialect() -> None:
 
 
 def test_non_streaming_bodies() -> None:
-    seen: list[tuple[str, str]] = []
-    chat = extractor_for("openai_chat", lambda c, t: seen.append((c, t)))
+    chat = extractor_for("openai_chat")
     chat.body(
         b'{"model":"gpt-4o","choices":[{"index":0,"message":{"content":"Hi","tool_calls":[{"index":0,"function":{"name":"f","arguments":"{}"}}]},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}'
     )
     assert chat.usage == Usage(5, 3, 2) and chat.finish_reason == "stop" and chat.model == "gpt-4o"
-    assert seen == [("content:0", "Hi"), ("tool:0:0", "f"), ("tool:0:0", "{}")]
-    anthropic = extractor_for("anthropic_messages", lambda c, t: None)
+    assert chat.take_texts() == {"content:0": ["Hi"], "tool:0:0": ["f", "{}"]}
+    assert chat.texts == {}
+    anthropic = extractor_for("anthropic_messages")
     anthropic.body(
         b'{"type":"message","model":"claude-3-haiku","content":[{"type":"text","text":"x"}],"stop_reason":"end_turn","usage":{"input_tokens":10,"output_tokens":4,"cache_read_input_tokens":100}}'
     )
     assert anthropic.usage == Usage(110, 4, 100, 0)
-    responses = extractor_for("openai_responses", lambda c, t: None)
+    responses = extractor_for("openai_responses")
     responses.body(
         b'{"model":"gpt-4.1","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"ok"}]}],"usage":{"input_tokens":9,"output_tokens":2,"output_tokens_details":{"reasoning_tokens":1}}}'
     )
     assert responses.usage == Usage(9, 2, 0, 0, 1) and responses.finish_reason == "completed"
-    ollama = extractor_for("ollama_generate", lambda c, t: None)
+    ollama = extractor_for("ollama_generate")
     ollama.body(
         b'{"model":"llama3","response":"hi","done":true,"done_reason":"stop","prompt_eval_count":7,"eval_count":2}'
     )
@@ -112,9 +112,9 @@ def test_non_streaming_bodies() -> None:
 
 
 def test_in_stream_errors_are_reported() -> None:
-    chat = extractor_for("openai_chat", lambda c, t: None)
+    chat = extractor_for("openai_chat")
     chat.event(b'{"error":{"message":"The server had an error","type":"server_error"}}', None)
-    anthropic = extractor_for("anthropic_messages", lambda c, t: None)
+    anthropic = extractor_for("anthropic_messages")
     anthropic.event(
         b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', "error"
     )

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import socket
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -14,6 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tallygate.dialects import OpenAIChat
 from tallygate.framing import NdjsonFramer, SseFramer
 
 from conftest import CASES, FakeUpstream, ProxyFactory, RecordLog
@@ -452,3 +454,71 @@ async def test_corrupt_gzip_from_the_upstream_is_an_upstream_failure(
     assert received == EVENT_1  # what could be decoded, and nothing invented
     await records.wait_for(1)
     assert (records[-1]["outcome"], records[-1]["status"]) == ("upstream_error", 200)
+
+
+@pytest.mark.parametrize("request_body", [b"{}", STREAM_REQUEST], ids=["plain", "usage-requested"])
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
+async def test_bytes_go_out_before_they_are_metered(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    records: RecordLog,
+    monkeypatch: pytest.MonkeyPatch,
+    gzip: bool,
+    request_body: bytes,
+) -> None:
+    """A chunk is written to the client first and metered after: a meter that blocks the event
+    loop for 0.5 s on the first event delays nothing the client sees. The client is a thread
+    with a plain socket, so that it reads while the loop is blocked."""
+    first = b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+    rest = b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    metered_at: list[float] = []
+    original = OpenAIChat.event
+
+    def slow_event(self: OpenAIChat, data: bytes, name: str | None) -> bool:
+        if not metered_at and b'"Hi"' in data:
+            metered_at.append(time.monotonic())
+            time.sleep(0.5)  # the whole process waits: nothing can be sent meanwhile
+        return original(self, data, name)
+
+    monkeypatch.setattr(OpenAIChat, "event", slow_event)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(first)
+        await asyncio.sleep(0.2)
+        await response.write(rest + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    upstream.handler = handler
+    running = await make_proxy(compression={"gzip": gzip})
+
+    def read_until_first_event() -> float:
+        with socket.create_connection(("127.0.0.1", running.proxy_port), timeout=5) as sock:
+            accept = b"Accept-Encoding: gzip\r\n" if gzip else b""
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                + accept
+                + b"Content-Length: %d\r\n\r\n" % len(request_body)
+                + request_body
+            )
+            received = b""
+            decoder = zlib.decompressobj(31)
+            while True:
+                data = sock.recv(65536)
+                assert data, "the connection closed before the first event"
+                received += data
+                body = received.partition(b"\r\n\r\n")[2]
+                # One chunk so far: its size line, then its bytes.
+                chunk = body.partition(b"\r\n")[2]
+                plain = decoder.decompress(chunk) if gzip and chunk else chunk
+                decoder = zlib.decompressobj(31)
+                if first in plain:
+                    return time.monotonic()
+
+    arrived = await asyncio.to_thread(read_until_first_event)
+    await records.wait_for(1)
+    assert metered_at, "the meter never saw the first event"
+    assert arrived < metered_at[0] + 0.4, "the first event waited for the meter"
+    assert records[0]["estimated"]["output"] > 0  # and it was metered all the same

@@ -1,8 +1,9 @@
 """What each API dialect's responses say: model, output text, reported usage, finish reason, errors.
 
 One extractor per dialect, fed one event's data at a time (or a whole JSON body). Output text is
-handed to a callback by channel (`content:0`, `reasoning:0`, `tool:0:1`, ...) so it can be
-counted as it passes. Pure: no I/O; a malformed event raises, and the caller decides.
+collected by channel (`content:0`, `reasoning:0`, `tool:0:1`, ...) for the caller to take and
+count as it passes: once per read rather than once per event, since a read often holds many.
+Pure: no I/O; a malformed event raises, and the caller decides.
 
 Usage is normalized (the OpenTelemetry GenAI convention): `input` counts every input token,
 cached and cache-written ones included; `output` counts every output token, reasoning included.
@@ -10,7 +11,6 @@ cached and cache-written ones included; `output` counts every output token, reas
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,9 +59,6 @@ class Usage:
     reasoning: int = 0
 
 
-TextSink = Callable[[str, str], None]
-
-
 # What a provider sends is not ours to trust: a field of the wrong type reads as absent (the
 # fuzz tests in tests/test_fuzz.py feed every extractor JSON of any shape).
 def _int(value: object) -> int:
@@ -85,8 +82,8 @@ def _error_message(error: object) -> str:
 class Extractor:
     """The common state; subclasses read their dialect's events."""
 
-    def __init__(self, on_text: TextSink) -> None:
-        self.on_text = on_text
+    def __init__(self) -> None:
+        self.texts: dict[str, list[str]] = {}  # output text not yet taken, by channel
         self.model: str | None = None
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
@@ -104,31 +101,49 @@ class Extractor:
         if isinstance(value, str) and value:
             self.model = value
 
+    def take_texts(self) -> dict[str, list[str]]:
+        """The output text seen since the last call, by channel, in order."""
+        texts, self.texts = self.texts, {}
+        return texts
+
     def _text(self, channel: str, value: object) -> None:
-        if isinstance(value, str) and value:
-            self.on_text(channel, value)
+        if value and type(value) is str:
+            pieces = self.texts.get(channel)
+            if pieces is None:
+                self.texts[channel] = [value]
+            else:
+                pieces.append(value)
 
 
 class OpenAIChat(Extractor):
+    # This runs for every event of every stream, so it is written for speed: exact type checks
+    # (orjson builds no subclasses), one look-up per field, no helper calls on the common path.
     def event(self, data: bytes, name: str | None) -> bool:
         if data == b"[DONE]":
             return False
         chunk = orjson.loads(data)
-        if not isinstance(chunk, dict):
+        if type(chunk) is not dict:
             return False
-        self._model(chunk.get("model"))
+        model = chunk.get("model")
+        if model != self.model:
+            self._model(model)
+        choices = chunk.get("choices")
+        if type(choices) is list:
+            for choice in choices:
+                if type(choice) is not dict:
+                    continue
+                delta = choice.get("delta")
+                if delta and type(delta) is dict:
+                    self._message(delta, _int(choice.get("index", 0)))
+                reason = choice.get("finish_reason")
+                if reason is not None and type(reason) is str:
+                    self.finish_reason = reason
         if "error" in chunk:
             self.errors.append(_error_message(chunk["error"]))
-        choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                choice = _dict(choice)
-                self._message(_dict(choice.get("delta")), _int(choice.get("index")))
-                self._finish(choice)
         usage = chunk.get("usage")
-        if not isinstance(usage, dict):  # Groq puts it under x_groq
-            usage = _dict(chunk.get("x_groq")).get("usage")
-        if isinstance(usage, dict):
+        if usage is None and "x_groq" in chunk:  # Groq puts it under x_groq
+            usage = _dict(chunk["x_groq"]).get("usage")
+        if type(usage) is dict:
             # Some providers send running totals on every chunk: the last one is the truth.
             self.usage = openai_usage(usage)
             return choices == [] and set(chunk) <= _USAGE_CHUNK_KEYS
@@ -153,8 +168,7 @@ class OpenAIChat(Extractor):
             if not value:
                 continue
             if key == "content":
-                if isinstance(value, str):
-                    self.on_text(_CONTENT[index] if index < 8 else f"content:{index}", value)
+                self._text(_CONTENT[index] if index < 8 else f"content:{index}", value)
             elif key in ("reasoning_content", "reasoning"):  # DeepSeek; OpenRouter and others
                 self._text(f"reasoning:{index}", value)
             elif key == "refusal":
@@ -303,8 +317,8 @@ class AnthropicMessages(Extractor):
     """message_start carries the input usage (and a placeholder output count); each
     message_delta carries cumulative usage, sometimes with a larger input (server tools)."""
 
-    def __init__(self, on_text: TextSink) -> None:
-        super().__init__(on_text)
+    def __init__(self) -> None:
+        super().__init__()
         self._raw: dict[str, int] = {}
         self._blocks: dict[int, str] = {}
 
@@ -414,7 +428,7 @@ class Ollama(Extractor):
                 )
 
 
-def extractor_for(dialect: Dialect, on_text: TextSink) -> Extractor:
+def extractor_for(dialect: Dialect) -> Extractor:
     kinds: dict[Dialect, type[Extractor]] = {
         "openai_chat": OpenAIChat,
         "openai_completions": OpenAICompletions,
@@ -423,4 +437,4 @@ def extractor_for(dialect: Dialect, on_text: TextSink) -> Extractor:
         "ollama_chat": Ollama,
         "ollama_generate": Ollama,
     }
-    return kinds.get(dialect, Extractor)(on_text)
+    return kinds.get(dialect, Extractor)()

@@ -1,6 +1,6 @@
 """Incremental framers for event streams: SSE (WHATWG HTML, "Parsing an event stream") and NDJSON.
 
-Pure: fed bytes with `feed()`, ended with `close()`, they return small frozen events. Every event
+Pure: fed bytes with `feed()`, ended with `close()`, they return small events. Every event
 keeps its exact raw bytes, so the concatenation of all events' `raw` equals the input: a consumer
 can rebuild (or filter) the stream from events alone. No sockets, no clock.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _CR, _LF = 0x0D, 0x0A
@@ -30,7 +31,9 @@ class EventTooLarge(Exception):
         self.events = events
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass costs three times as much to build (object.__setattr__ per
+# field), and one is built for every event of every stream.
+@dataclass(slots=True)
 class SseEvent:
     """One SSE block, up to and including its blank line.
 
@@ -45,10 +48,11 @@ class SseEvent:
     retry: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NdjsonLine:
     raw: bytes  # the line with its terminator
     data: bytes  # the line without it, possibly empty
+    event: ClassVar[None] = None  # lines have no event names; read alike with SseEvent
 
 
 class SseFramer:
@@ -90,22 +94,21 @@ class SseFramer:
             pending, self._pending = self._pending, b""
             return self._feed_general(pending + data)
         buf = self._pending + data if self._pending else data
-        events: list[SseEvent] = []
-        start = 0
-        scan = max(0, len(self._pending) - 1)  # a "\n\n" may straddle the two reads
-        size = len(buf)
-        while start < size:
-            if buf[start] == _LF:  # a blank line of its own: an event with no fields
-                events.append(SseEvent(b"\n"))
-                start += 1
-                continue
-            end = buf.find(b"\n\n", max(start, scan))
-            if end < 0:
-                break
-            events.append(_lf_event(buf[start : end + 2]))
-            start = end + 2
-        self._pending = buf[start:]
-        if len(self._pending) > self._max or any(len(e.raw) > self._max for e in events):
+        # Events end at the leftmost non-overlapping b"\n\n" of the stream, so cutting the
+        # pending bytes plus the new ones gives the same events however the stream was split. A
+        # run of blank lines leaves a piece starting with LF: its leading empty line carries no
+        # field, and _lf_event reads it as such.
+        parts = buf.split(b"\n\n")
+        self._pending = parts.pop()
+        events = [
+            SseEvent(part + b"\n\n", part[6:])
+            if part[:6] == b"data: " and b"\n" not in part
+            else _lf_event(part + b"\n\n")
+            for part in parts
+        ]
+        if len(buf) > self._max and (
+            len(self._pending) > self._max or any(len(e.raw) > self._max for e in events)
+        ):
             raise EventTooLarge(f"an SSE event exceeds {self._max} bytes", events)
         return events
 
@@ -233,7 +236,9 @@ class NdjsonFramer:
             lines.append(NdjsonLine(raw, raw.rstrip(b"\r\n")))
             start = end + 1
         self._buf = buf[start:]
-        if len(self._buf) > self._max or any(len(line.raw) > self._max for line in lines):
+        if len(buf) > self._max and (
+            len(self._buf) > self._max or any(len(line.raw) > self._max for line in lines)
+        ):
             raise EventTooLarge(f"an NDJSON line exceeds {self._max} bytes", lines)
         return lines
 

@@ -124,11 +124,14 @@ class ResponseFacts:
 
 
 class ResponseMeter:
-    """Fed the response body (plain bytes) as it passes.
+    """Fed the response body (plain bytes) as it passes, in two steps, so that bytes go out to
+    the client before they are metered:
 
-    With `strip_usage_chunk`, `feed()` returns the bytes the client is to receive: whole events
-    as they complete, without the usage-only chunk tallygate asked for. Otherwise it returns None
-    and the caller relays the chunk itself, untouched.
+    - `relay(chunk)` returns what the client is to receive: the chunk itself, or with
+      `strip_usage_chunk`, its complete events without the usage-only chunk tallygate asked for;
+    - `settle()` meters what was relayed, once it is on its way.
+
+    `feed(chunk)` does both, for callers with nothing to send in between.
     """
 
     def __init__(
@@ -163,39 +166,89 @@ class ResponseMeter:
         self._requested_model = requested_model
         self._counters: dict[str, TokenCounter] = {}
         self._dialect = dialect
-        self._extractor: Extractor = extractor_for(dialect, self._on_text)
+        self._extractor: Extractor = extractor_for(dialect)
+        self._unmetered: list[bytes] = []  # relayed, not yet metered (when not stripping)
+        self._queued: list[SseEvent | NdjsonLine] = []  # the same, framed (when stripping)
         self.text_seen = False
 
     @property
     def strips(self) -> bool:
         return self._strip
 
-    def _on_text(self, channel: str, text: str) -> None:
+    def _count(self) -> None:
+        """Count the text the last events carried: one feed per channel and read."""
+        texts = self._extractor.take_texts()
         self.text_seen = True
         if self._tokenizers is None:
             return
-        counter = self._counters.get(channel)
-        if counter is None:
-            model = self._extractor.model or self._requested_model
-            encoding = self._tokenizers.for_model(model).encoding
-            counter = self._counters[channel] = TokenCounter(encoding)
-        counter.feed(text)
+        for channel, pieces in texts.items():
+            counter = self._counters.get(channel)
+            if counter is None:
+                model = self._extractor.model or self._requested_model
+                encoding = self._tokenizers.for_model(model).encoding
+                counter = self._counters[channel] = TokenCounter(encoding)
+            counter.feed(pieces[0] if len(pieces) == 1 else "".join(pieces))
 
-    def feed(self, chunk: bytes) -> bytes | None:
+    def relay(self, chunk: bytes) -> bytes:
+        """What the client is to receive of `chunk`; it is metered by the next `settle()`."""
         if not self._active:
-            return chunk if self._strip else None
-        if self._framer is None:
-            self._collect(chunk)
-            return None
+            return chunk
+        if not self._strip or self._framer is None:
+            self._unmetered.append(chunk)
+            return chunk
         try:
             events = self._framer.feed(chunk)
         except EventTooLarge as error:
-            return self._give_up("framing", error)
-        kept = [event.raw for event in events if not self._event(event)]
-        return b"".join(kept) if self._strip else None
+            return self._give_up("framing", error) or b""
+        kept = []
+        for event in events:
+            data = event.data
+            # Only an event naming usage can be the usage-only chunk: it is metered now, to
+            # decide; the others once they are sent.
+            if data and b'"usage"' in data:
+                if self._event(event):
+                    continue
+            else:
+                self._queued.append(event)
+            kept.append(event.raw)
+        return b"".join(kept)
+
+    def settle(self) -> None:
+        """Meter every chunk and event relayed since the last call."""
+        if self._unmetered:
+            chunks, self._unmetered = self._unmetered, []
+            for chunk in chunks:
+                self._meter(chunk)
+        if self._queued:
+            queued, self._queued = self._queued, []
+            for event in queued:
+                self._event(event)
+        if self._extractor.texts:
+            self._count()
+
+    def feed(self, chunk: bytes) -> bytes:
+        relayed = self.relay(chunk)
+        self.settle()
+        return relayed
+
+    def _meter(self, chunk: bytes) -> None:
+        if not self._active:  # given up on an earlier chunk
+            return
+        if self._framer is None:
+            self._collect(chunk)
+            return
+        try:
+            events = self._framer.feed(chunk)
+        except EventTooLarge as error:
+            self._give_up("framing", error)
+            return
+        meter = self._event
+        for event in events:
+            meter(event)
 
     def close(self) -> bytes:
         """The end of the body: what the client still has to receive (when stripping)."""
+        self.settle()
         if not self._active:
             return b""
         if self._framer is None:
@@ -204,17 +257,21 @@ class ResponseMeter:
                     self._extractor.body(b"".join(self._body))
                 except Exception as error:  # a malformed body: counted, the relay is done
                     self._count_error("dialect", error)
+                if self._extractor.texts:
+                    self._count()
             return b""
         kept = [event.raw for event in self._framer.close() if not self._event(event)]
+        if self._extractor.texts:
+            self._count()
         return b"".join(kept) if self._strip else b""
 
     def _event(self, event: SseEvent | NdjsonLine) -> bool:
         """Meter one event; True when it is the usage-only chunk to strip."""
-        if not event.data:  # a comment, or an empty data line: nothing to meter
+        data = event.data
+        if not data:  # a comment, or an empty data line: nothing to meter
             return False
-        name = event.event if isinstance(event, SseEvent) else None
         try:
-            return self._extractor.event(event.data, name) and self._strip
+            return self._extractor.event(data, event.event) and self._strip
         except Exception as error:  # a malformed event: count it, meter the rest
             self._count_error("dialect", error)
             return False
@@ -245,7 +302,8 @@ class ResponseMeter:
             )  # fmt: skip
 
     def output_estimate(self) -> int | None:
-        """Output tokens counted so far; None when not estimated (off, or not an LLM API)."""
+        """Output tokens counted so far, in what was settled (a chunk whose sending failed is
+        not); None when not estimated (off, or not an LLM API)."""
         if self._tokenizers is None or self._dialect == "none":
             return None
         return sum(counter.total() for counter in self._counters.values()) + self._end_tokens()
@@ -263,6 +321,7 @@ class ResponseMeter:
         return 0
 
     def facts(self) -> ResponseFacts:
+        self.settle()
         extractor = self._extractor
         return ResponseFacts(
             model=extractor.model,

@@ -526,12 +526,11 @@ class Proxy:
         meter: ResponseMeter,
         watchdog: Watchdog,
     ) -> None:
-        """Copy the body as it arrives, showing every chunk to the meter. Read errors are the
-        upstream's failure; write errors mean the client left."""
+        """Copy the body as it arrives, showing every chunk to the meter once it is sent. Read
+        errors are the upstream's failure; write errors mean the client left."""
         read = upstream_response.content.readany
         write = response.write
         now = self._loop.time
-        strips = meter.strips
         try:
             while True:
                 try:
@@ -549,19 +548,18 @@ class Proxy:
                     except zlib.error as error:  # the body is not what its coding says
                         await self._broken(request, exchange, response, encoder, meter, error)
                         return
-                relayed = meter.feed(chunk)
-                if strips:
-                    chunk = relayed or b""
+                chunk = meter.relay(chunk)
                 if chunk:
                     watchdog.writing = watchdog.last
                     await self._send(exchange, write, encoder, chunk)
                     watchdog.writing = None
                     watchdog.last = now()
-                    if exchange.first_token_at is None and meter.text_seen:
-                        exchange.first_token_at = watchdog.last
+                # Metered once sent: the meter never stands between the upstream and the client.
+                meter.settle()
+                if exchange.first_token_at is None and meter.text_seen:
+                    exchange.first_token_at = watchdog.last
             tail = decoder.close() if decoder is not None else b""
-            relayed = meter.feed(tail) if tail else None
-            tail = (relayed or b"") if strips else tail
+            tail = meter.relay(tail) if tail else b""
             tail += meter.close()
             exchange.client_out_uncompressed += len(tail)
             if encoder is not None:

@@ -145,26 +145,37 @@ class TokenCounter:
     """Counts the tokens of a text fed in pieces, exactly: `total()` equals
     `len(encoding.encode_ordinary(all_text_fed))`."""
 
-    __slots__ = ("_committed", "_encoding", "_pattern", "_split_after", "_split_at", "_tail")
+    __slots__ = (
+        "_committed", "_encoding", "_pattern", "_pieces", "_size", "_split_after", "_split_at",
+    )  # fmt: skip
 
     def __init__(self, encoding: tiktoken.Encoding, split_after: int = _SPLIT_AFTER_CHARS) -> None:
         self._encoding = encoding
         self._pattern = _split_pattern(encoding)
         self._committed = 0
-        self._tail = ""
+        # The uncounted text, as fed: joined only when it is split or counted, so that feeding
+        # a token at a time does not copy the whole tail every time.
+        self._pieces: list[str] = []
+        self._size = 0
         self._split_after = self._split_at = split_after
 
     def feed(self, text: str) -> None:
-        tail = self._tail + text
-        if len(tail) > self._split_at:
-            cut = self._safe_cut(tail)
-            if cut:
-                self._committed += len(self._encoding.encode_ordinary(tail[:cut]))
-                tail = tail[cut:]
-            # Nothing safe to cut (a long run of whitespace): look again only when the tail has
-            # doubled, so the work stays linear.
-            self._split_at = max(self._split_after, 2 * len(tail))
-        self._tail = tail
+        self._pieces.append(text)
+        self._size += len(text)
+        if self._size > self._split_at:
+            self._split()
+
+    def _split(self) -> None:
+        tail = "".join(self._pieces)
+        cut = self._safe_cut(tail)
+        if cut:
+            self._committed += len(self._encoding.encode_ordinary(tail[:cut]))
+            tail = tail[cut:]
+        # Nothing safe to cut (a long run of whitespace): look again only when the tail has
+        # doubled, so the work stays linear.
+        self._split_at = max(self._split_after, 2 * len(tail))
+        self._pieces = [tail]
+        self._size = len(tail)
 
     def _safe_cut(self, tail: str) -> int:
         """The start of a piece before the last two, where the text before it ends in
@@ -179,9 +190,11 @@ class TokenCounter:
 
     def total(self) -> int:
         """The count so far (the tail is counted now, not committed)."""
-        if not self._tail:
+        if not self._size:
             return self._committed
-        return self._committed + len(self._encoding.encode_ordinary(self._tail))
+        tail = "".join(self._pieces)
+        self._pieces = [tail]
+        return self._committed + len(self._encoding.encode_ordinary(tail))
 
 
 _patterns: dict[str, regex.Pattern[str]] = {}
