@@ -134,7 +134,12 @@ class OpenAIChat(Extractor):
                     continue
                 delta = choice.get("delta")
                 if delta and type(delta) is dict:
-                    self._message(delta, _int(choice.get("index", 0)))
+                    index = _int(choice.get("index", 0))
+                    if len(delta) == 1 and "content" in delta:  # most events: a piece of text
+                        self._text(_CONTENT[index] if index < 8 else f"content:{index}",
+                                   delta["content"])  # fmt: skip
+                    else:
+                        self._message(delta, index)
                 reason = choice.get("finish_reason")
                 if reason is not None and type(reason) is str:
                     self.finish_reason = reason

@@ -95,17 +95,27 @@ class SseFramer:
             return self._feed_general(pending + data)
         buf = self._pending + data if self._pending else data
         # Events end at the leftmost non-overlapping b"\n\n" of the stream, so cutting the
-        # pending bytes plus the new ones gives the same events however the stream was split. A
-        # run of blank lines leaves a piece starting with LF: its leading empty line carries no
-        # field, and _lf_event reads it as such.
+        # pending bytes plus the new ones gives the same events however the stream was split.
         parts = buf.split(b"\n\n")
         self._pending = parts.pop()
-        events = [
-            SseEvent(part + b"\n\n", part[6:])
-            if part[:6] == b"data: " and b"\n" not in part
-            else _lf_event(part + b"\n\n")
-            for part in parts
-        ]
+        if buf[:1] == b"\n" or b"\n\n\n" in buf:
+            events = _with_blank_lines(parts)
+        elif buf.count(b"\n") == 2 * len(parts) + self._pending.count(b"\n"):
+            # Every line end is in a separator: each event is a single line (the usual case),
+            # and one count over the read spares a scan of each event.
+            events = [
+                SseEvent(part + b"\n\n", part[6:])
+                if part[:6] == b"data: "
+                else _lf_event(part + b"\n\n")
+                for part in parts
+            ]
+        else:
+            events = [
+                SseEvent(part + b"\n\n", part[6:])
+                if part[:6] == b"data: " and b"\n" not in part
+                else _lf_event(part + b"\n\n")
+                for part in parts
+            ]
         if len(buf) > self._max and (
             len(self._pending) > self._max or any(len(e.raw) > self._max for e in events)
         ):
@@ -188,6 +198,22 @@ class SseFramer:
         event = SseEvent(raw, data, self._event, self._id, self._retry)
         self._reset_fields()
         return event
+
+
+def _with_blank_lines(parts: list[bytes]) -> list[SseEvent]:
+    """Events from pieces cut at b"\n\n" where blank lines run on: each extra blank line is an
+    event of its own (as the general path sees it), so that both paths cut the same raw bytes.
+    A piece holds no b"\n\n": it is empty (two blank lines) or starts with at most one LF."""
+    events = []
+    for part in parts:
+        if not part:
+            events += (SseEvent(b"\n"), SseEvent(b"\n"))
+            continue
+        if part[0] == _LF:
+            events.append(SseEvent(b"\n"))
+            part = part[1:]
+        events.append(_lf_event(part + b"\n\n"))
+    return events
 
 
 def _lf_event(raw: bytes, terminated: bool = True) -> SseEvent:
