@@ -204,7 +204,7 @@ def _with_blank_lines(parts: list[bytes]) -> list[SseEvent]:
     """Events from pieces cut at b"\n\n" where blank lines run on: each extra blank line is an
     event of its own (as the general path sees it), so that both paths cut the same raw bytes.
     A piece holds no b"\n\n": it is empty (two blank lines) or starts with at most one LF."""
-    events = []
+    events: list[SseEvent] = []
     for part in parts:
         if not part:
             events += (SseEvent(b"\n"), SseEvent(b"\n"))
