@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +86,7 @@ class Target:
     pids: list[int]  # whose CPU and memory count (nginx: its worker; tallygate: its process)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     gzip: bool = False
+    headers: tuple[str, ...] = ()  # sent with every request (a peer's key or routing headers)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -184,13 +187,16 @@ def start_tallygate(scratch: Path, upstream: int, name: str, metering: bool, gzi
     return Target(name, port, pids, [proc], gzip)
 
 
-def h2load(port: int, requests: int, concurrency: int, gzip: bool, scratch: Path) -> float:
+def h2load(port: int, requests: int, concurrency: int, gzip: bool, scratch: Path,
+           headers: tuple[str, ...] = ()) -> float:  # fmt: skip
     body = scratch / "request.json"
     body.write_bytes(REQUEST)
     args = ["taskset", "-c", LOAD_CORE, "h2load", "--h1", "-n", str(requests), "-c", str(concurrency),
             "-m", "1", "-d", str(body), "-H", "Content-Type: application/json"]  # fmt: skip
     if gzip:
         args += ["-H", "Accept-Encoding: gzip"]
+    for header in headers:
+        args += ["-H", header]
     out = subprocess.run([*args, f"http://127.0.0.1:{port}/v1/chat/completions"],
                          capture_output=True, text=True, timeout=300).stdout  # fmt: skip
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
@@ -206,8 +212,11 @@ def h2load(port: int, requests: int, concurrency: int, gzip: bool, scratch: Path
 class StreamClient(asyncio.Protocol):
     """One request on its own connection; notes when bytes arrive and checks the body."""
 
-    def __init__(self, done: asyncio.Future[StreamClient], gzip: bool) -> None:
+    def __init__(
+        self, done: asyncio.Future[StreamClient], gzip: bool, headers: tuple[str, ...] = ()
+    ) -> None:
         self.done, self.gzip = done, gzip
+        self.extra = "".join(f"{header}\r\n" for header in headers).encode()
         self.raw = bytearray()
         self.times: list[float] = []
         self.sent = 0.0
@@ -216,7 +225,8 @@ class StreamClient(asyncio.Protocol):
         accept = b"Accept-Encoding: gzip\r\n" if self.gzip else b""
         self.sent = time.perf_counter()
         transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                        + accept + b"Content-Length: %d\r\n\r\n" % len(REQUEST) + REQUEST)  # fmt: skip
+                        + accept + self.extra + b"Content-Length: %d\r\n\r\n" % len(REQUEST)
+                        + REQUEST)  # fmt: skip
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
@@ -247,17 +257,17 @@ class StreamClient(asyncio.Protocol):
         return bytes(payload), wire
 
 
-async def one_stream(port: int, gzip: bool) -> StreamClient:
+async def one_stream(port: int, gzip: bool, headers: tuple[str, ...] = ()) -> StreamClient:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[StreamClient] = loop.create_future()
-    await loop.create_connection(lambda: StreamClient(done, gzip), "127.0.0.1", port)
+    await loop.create_connection(lambda: StreamClient(done, gzip, headers), "127.0.0.1", port)
     return await done
 
 
-async def ttfb(port: int, requests: int) -> list[float]:
+async def ttfb(port: int, requests: int, headers: tuple[str, ...] = ()) -> list[float]:
     times = []
     for _ in range(requests):
-        client = await one_stream(port, False)
+        client = await one_stream(port, False, headers)
         times.append(client.times[0] - client.sent)
     return times
 
@@ -289,7 +299,7 @@ async def paced(target: Target, streams: int, pace: float) -> PacedResult:
     tasks = []
     for start in range(0, streams, 200):  # ramp up in batches, as clients arrive
         tasks += [
-            asyncio.create_task(one_stream(target.port, target.gzip))
+            asyncio.create_task(one_stream(target.port, target.gzip, target.headers))
             for _ in range(min(200, streams - start))
         ]
         await asyncio.sleep(0.02)
@@ -330,15 +340,99 @@ def measure_throughput(target: Target, scratch: Path, counts: dict[int, int]) ->
     for concurrency, requests in counts.items():
         if concurrency == 32:
             before = sum(cpu_seconds(pid) for pid in target.pids)
-            results["rps_32"] = h2load(target.port, requests, 32, target.gzip, scratch)
+            results["rps_32"] = h2load(target.port, requests, 32, target.gzip, scratch,
+                                       target.headers)  # fmt: skip
             spent = sum(cpu_seconds(pid) for pid in target.pids) - before
             results["cpu_us_per_event"] = spent / (requests * EVENTS) * 1e6
             results["cpu_ms_per_stream"] = spent / requests * 1e3
         else:
             results[f"rps_{concurrency}"] = h2load(
-                target.port, requests, concurrency, target.gzip, scratch
+                target.port, requests, concurrency, target.gzip, scratch, target.headers
             )
     return results
+
+
+# -- peers (--peers): installed into bench/scratch/peers, never committed ---------------------------
+
+PEERS = HERE / "scratch" / "peers"
+LITELLM_KEY = "sk-bench-master"
+# @hono/node-server pinned to 1.14.2, the workaround given in Portkey-AI/gateway issue 1389 for
+# "TypeError: immutable" on every request. On this machine's Node 20 the gateway still fails so;
+# the report then says so in its row.
+PORTKEY_PACKAGES = ["@portkey-ai/gateway@1.15.2", "@hono/node-server@1.14.2"]
+
+
+def install_peers() -> None:
+    """LiteLLM's proxy in its own virtualenv, the Portkey gateway with npm; once, then reused."""
+    venv = PEERS / "litellm"
+    if not (venv / "bin" / "litellm").exists():
+        print("== installing LiteLLM's proxy (pip)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+    if not (PEERS / "portkey" / "node_modules" / "@portkey-ai").exists():
+        print("== installing the Portkey gateway (npm)", file=sys.stderr)
+        subprocess.run(["npm", "install", "--silent", "--prefix", str(PEERS / "portkey"),
+                        *PORTKEY_PACKAGES], check=True)  # fmt: skip
+
+
+def start_litellm(scratch: Path, upstream: int) -> Target:
+    port = free_port()
+    config = scratch / f"litellm-{port}.yaml"
+    config.write_text(json.dumps({"model_list": [{
+        "model_name": "gpt-4o-mini",
+        "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "sk-bench",
+                           "api_base": f"http://127.0.0.1:{upstream}/v1"},
+    }]}))  # fmt: skip
+    os.environ["LITELLM_MASTER_KEY"] = LITELLM_KEY
+    proc = spawn([str(PEERS / "litellm" / "bin" / "litellm"), "--config", str(config),
+                  "--host", "127.0.0.1", "--port", str(port)], PROXY_CORE, scratch / "litellm.log")  # fmt: skip
+    wait_port(port, timeout=120)
+    return Target("LiteLLM proxy", port, [proc.pid], [proc],
+                  headers=(f"Authorization: Bearer {LITELLM_KEY}",))  # fmt: skip
+
+
+def start_portkey(scratch: Path, upstream: int) -> Target:
+    port = free_port()
+    server = PEERS / "portkey" / "node_modules" / "@portkey-ai" / "gateway" / "build"
+    proc = spawn(["node", str(server / "start-server.js"), f"--port={port}", "--headless"],
+                 PROXY_CORE, scratch / "portkey.log")  # fmt: skip
+    wait_port(port, timeout=60)
+    return Target("Portkey gateway", port, [proc.pid], [proc], headers=(
+        "x-portkey-provider: openai", f"x-portkey-custom-host: http://127.0.0.1:{upstream}/v1",
+        "Authorization: Bearer sk-bench",
+    ))  # fmt: skip
+
+
+def measure_peer(make: Callable[[int], Target], fast: Target, slow: dict[float, Target],
+                 paced_runs: list[tuple[int, float]], scratch: Path) -> dict[str, object]:  # fmt: skip
+    """Smaller counts than tallygate's (peers are 10-100x slower), and a peer that fails is
+    reported as failing rather than ending the run."""
+    target = make(fast.port)
+    row: dict[str, object] = {"name": target.name, "peer": True}
+    try:
+        probe = asyncio.run(one_stream(target.port, False, target.headers))
+        if not bytes(probe.raw).startswith(b"HTTP/1.1 200"):
+            status = bytes(probe.raw).split(b"\r\n", 1)[0].decode(errors="replace")
+            row["failed"] = f"its first answer was {status!r}"
+            return row
+        row.update(measure_throughput(target, scratch, {1: 50, 32: 300, 256: 300}))
+        times = asyncio.run(ttfb(target.port, 100, target.headers))
+        row["ttfb_p50_ms"] = statistics.median(times) * 1e3
+        row["ttfb_p99_ms"] = statistics.quantiles(times, n=100)[98] * 1e3
+    except (RuntimeError, OSError) as error:
+        row["failed"] = str(error).splitlines()[0][:200]
+        return row
+    finally:
+        target.stop()
+    streams, pace = paced_runs[0]  # the 1,000-stream run only: the larger one is out of reach
+    paced_target = make(slow[pace].port)
+    try:
+        row[f"paced_{streams}"] = asyncio.run(paced(paced_target, streams, pace))
+    except TimeoutError:
+        row[f"paced_{streams}"] = "did not finish"
+    finally:
+        paced_target.stop()
+    return row
 
 
 def prepare_environment() -> None:
@@ -358,8 +452,13 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run (CI)")
     parser.add_argument("--out", type=Path, default=HERE / "results.md")
+    parser.add_argument("--peers", action="store_true",
+                        help="also LiteLLM's proxy and the Portkey gateway, installed into "
+                             "bench/scratch/peers (pip, npm) on first use")  # fmt: skip
     args = parser.parse_args()
     prepare_environment()
+    if args.peers:
+        install_peers()
     quick = args.quick
     counts = {1: 200, 32: 1000, 256: 1000} if quick else {1: 500, 32: 6000, 256: 6000}
     paced_runs = [(50, 0.02)] if quick else [(1000, 0.1), (5000, 0.5)]
@@ -438,6 +537,12 @@ def main() -> None:
         finally:
             one.stop()
         ceiling = h2load(fast.port, counts[256], 256, False, scratch)
+        if args.peers:
+            for name, make_peer in (("LiteLLM proxy", start_litellm),
+                                    ("Portkey gateway", start_portkey)):  # fmt: skip
+                print(f"== {name}", file=sys.stderr)
+                make = functools.partial(make_peer, scratch)
+                rows.append(measure_peer(make, fast, slow, paced_runs, scratch))
     finally:
         for up in (fast, slow20, *slow.values()):
             up.stop()
@@ -464,6 +569,11 @@ def render(rows: list[dict[str, object]], paced_runs: list[tuple[int, float]], o
         "|---|---|---|---|---|---|---|---|" + "---|" * len(paced_runs) + "---|",
     ]
     for row in rows:
+        if "failed" in row:
+            lines.append(
+                f"| {row['name']} | failed: {row['failed']} |" + " |" * (7 + len(paced_runs))
+            )
+            continue
         cells = [
             str(row["name"]),
             f"{row['rps_1']:.0f}",
@@ -480,7 +590,7 @@ def render(rows: list[dict[str, object]], paced_runs: list[tuple[int, float]], o
                 cells.append(f"{result.exact} / {result.on_time}, {result.worst_duration_ratio:.3f}x, "
                              f"{result.rss_per_stream / 1024:.1f}")  # fmt: skip
             else:
-                cells.append("")
+                cells.append(str(result or ("not run" if row.get("peer") else "")))
         wire = row.get("wire_per_event")
         cells.append(
             f"{wire:.1f}" if isinstance(wire, float) and "gzip" in str(row["name"]) else ""
