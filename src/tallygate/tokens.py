@@ -139,6 +139,7 @@ class Tokenizers:
 # less: most answers stay under this and are counted once, by tiktoken, when asked; longer ones
 # commit a window at a time, so the work stays linear and the tail bounded.
 _SPLIT_AFTER_CHARS = 8192
+_MAX_PIECES = 16
 
 
 class TokenCounter:
@@ -160,10 +161,15 @@ class TokenCounter:
         self._split_after = self._split_at = split_after
 
     def feed(self, text: str) -> None:
-        self._pieces.append(text)
+        pieces = self._pieces
+        pieces.append(text)
         self._size += len(text)
         if self._size > self._split_at:
             self._split()
+        elif len(pieces) > _MAX_PIECES:
+            # A paced stream feeds a token at a time: a str object per token would cost a live
+            # stream ~60 bytes each (4 KiB for 68 tokens); joined, it costs the characters.
+            self._pieces = ["".join(pieces)]
 
     def _split(self) -> None:
         tail = "".join(self._pieces)
