@@ -100,19 +100,13 @@ class SseFramer:
         self._pending = parts.pop()
         if buf[:1] == b"\n" or b"\n\n\n" in buf:
             events = _with_blank_lines(parts)
-        elif buf.count(b"\n") == 2 * len(parts) + self._pending.count(b"\n"):
-            # Every line end is in a separator: each event is a single line (the usual case),
-            # and one count over the read spares a scan of each event.
-            events = [
-                SseEvent(part + b"\n\n", part[6:])
-                if part[:6] == b"data: "
-                else _lf_event(part + b"\n\n")
-                for part in parts
-            ]
         else:
+            # When every line end is in a separator, each event is a single line (the usual
+            # case), and one count over the read spares a scan of each event.
+            single = buf.count(b"\n") == 2 * len(parts) + self._pending.count(b"\n")
             events = [
                 SseEvent(part + b"\n\n", part[6:])
-                if part[:6] == b"data: " and b"\n" not in part
+                if part[:6] == b"data: " and (single or b"\n" not in part)
                 else _lf_event(part + b"\n\n")
                 for part in parts
             ]

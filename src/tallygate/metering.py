@@ -177,6 +177,8 @@ class ResponseMeter:
 
     def _count(self) -> None:
         """Count the text the last events carried: one feed per channel and read."""
+        if not self._extractor.texts:
+            return
         texts = self._extractor.take_texts()
         self.text_seen = True
         if self._tokenizers is None:
@@ -223,8 +225,7 @@ class ResponseMeter:
             queued, self._queued = self._queued, []
             for event in queued:
                 self._event(event)
-        if self._extractor.texts:
-            self._count()
+        self._count()
 
     def feed(self, chunk: bytes) -> bytes:
         relayed = self.relay(chunk)
@@ -257,12 +258,10 @@ class ResponseMeter:
                     self._extractor.body(b"".join(self._body))
                 except Exception as error:  # a malformed body: counted, the relay is done
                     self._count_error("dialect", error)
-                if self._extractor.texts:
-                    self._count()
+                self._count()
             return b""
         kept = [event.raw for event in self._framer.close() if not self._event(event)]
-        if self._extractor.texts:
-            self._count()
+        self._count()
         return b"".join(kept) if self._strip else b""
 
     def _event(self, event: SseEvent | NdjsonLine) -> bool:
