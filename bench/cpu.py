@@ -8,12 +8,15 @@ gzip), metering, gzip (metering and gzip). TREE is another checkout's root (a gi
 the upstream and h2load to core 1; variants run in turn, round after round, and the report gives
 each one's CPU microseconds per request (its own CPU time from /proc, over an h2load run at c=32)
 as the median of the rounds, with every round's figure. Requests/s swing with whatever else
-shares the machine; a process's CPU time per request swings far less.
+shares the machine; a process's CPU time per request swings far less. With --ttfb N, each round
+also times N sequential requests at c=1 (a new connection each, as bench/run.py does) and the
+report gives the median time to first byte, and its difference from the upstream's own.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import sys
@@ -55,6 +58,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--ttfb", type=int, default=0, help="also time N requests at c=1")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=KIND[@TREE]; default: one of each kind on this tree")  # fmt: skip
     args = parser.parse_args()
@@ -70,8 +74,12 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="tallygate-cpu-"))
     upstream = run.start_upstream(scratch, 0)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in variants}
+    firsts: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    direct: list[float] = []
     try:
         for round_ in range(args.rounds):
+            if args.ttfb:
+                direct.append(statistics.median(asyncio.run(run.ttfb(upstream.port, args.ttfb))))
             for name, kind, tree in variants:
                 target = start(kind, tree, scratch, upstream.port)
                 try:
@@ -80,6 +88,9 @@ def main() -> None:
                     before = sum(run.cpu_seconds(pid) for pid in target.pids)
                     rate = run.h2load(target.port, args.requests, 32, target.gzip, scratch)
                     spent = sum(run.cpu_seconds(pid) for pid in target.pids) - before
+                    if args.ttfb:
+                        times = asyncio.run(run.ttfb(target.port, args.ttfb))
+                        firsts[name].append(statistics.median(times))
                 finally:
                     target.stop()
                 us = spent / args.requests * 1e6
@@ -88,14 +99,19 @@ def main() -> None:
                       file=sys.stderr)  # fmt: skip
     finally:
         upstream.stop()
-    print("| variant | CPU us/request, median | rounds | req/s c=32, median |")
-    print("|---|---|---|---|")
+    ttfb_head = " TTFB c=1 p50, ms | added over direct, ms |" if args.ttfb else ""
+    print(f"| variant | CPU us/request, median | rounds | req/s c=32, median |{ttfb_head}")
+    print("|---|---|---|---|" + ("---|---|" if args.ttfb else ""))
     for name, kind, tree in variants:
         runs = results[name]
         label = f"{name} ({kind}{', ' + str(tree) if tree else ''})"
-        print(f"| {label} | {statistics.median(u for u, _ in runs):.0f} | "
-              f"{', '.join(f'{u:.0f}' for u, _ in runs)} | "
-              f"{statistics.median(r for _, r in runs):.0f} |")  # fmt: skip
+        line = (f"| {label} | {statistics.median(u for u, _ in runs):.0f} | "
+                f"{', '.join(f'{u:.0f}' for u, _ in runs)} | "
+                f"{statistics.median(r for _, r in runs):.0f} |")  # fmt: skip
+        if args.ttfb:
+            first = statistics.median(firsts[name]) * 1e3
+            line += f" {first:.3f} | +{first - statistics.median(direct) * 1e3:.3f} |"
+        print(line)
 
 
 if __name__ == "__main__":

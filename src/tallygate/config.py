@@ -105,11 +105,12 @@ class Metering:
 class Compression:
     gzip: bool = True
     level: int = 6
-    # 12 and 4 give 16 KiB + 8 KiB of zlib state per live stream (zlib's formula: 2^(wbits+2) +
-    # 2^(memLevel+9)) and keep 94.0% of the ratio of zlib's defaults (256 KiB) on the corpus streams
-    # with a flush per event; `python bench/compression_params.py` measures it.
-    window_bits: int = 12
-    mem_level: int = 4
+    # 14 and 5 give 64 KiB + 16 KiB of zlib state per live stream (zlib's formula: 2^(wbits+2) +
+    # 2^(memLevel+9)) and keep 99.7% of the ratio of zlib's defaults (256 KiB) on the corpus
+    # streams. A 4 KiB window (12) saved 56 KiB a stream but sent 6% more bytes, and its small
+    # hash table made level 6 search longer; `python bench/compression_params.py` measures both.
+    window_bits: int = 14
+    mem_level: int = 5
     # Below this many bytes a response of known length is not worth a gzip header and trailer.
     min_length: int = 1024
 
