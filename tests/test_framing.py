@@ -97,6 +97,27 @@ def test_any_line_ending_mix_frames_identically_at_any_split(
     assert b"".join(e.raw for e in extended) == body + b"\n\n\xff\xfe garbage"
 
 
+@given(st.lists(st.sampled_from([b"data: x", b"data:", b": c", b"event: e", b"id: 1", b"\n",
+                                 b"\n\n", "é".encode(), b"retry: 5", b'data: {"a":1}']),
+                max_size=40),
+       st.lists(st.integers(1, 400), max_size=8))  # fmt: skip
+def test_lf_fast_path_frames_as_the_general_path(parts: list[bytes], cuts: list[int]) -> None:
+    # LF-only streams take a fast path (cut at b"\n\n"); the general line-by-line path is the
+    # reference. Forcing it is the only way to compare them on the same bytes.
+    body = b"".join(parts)
+    bounds = [0, *sorted({c for c in cuts if c < len(body)}), len(body)]
+    fast, general = SseFramer(), SseFramer()
+    general._general = True
+    results = []
+    for framer in (fast, general):
+        events = []
+        for a, b in itertools.pairwise(bounds):
+            events += framer.feed(body[a:b])
+        results.append(signature(events + framer.close()))
+    assert fast._general is False
+    assert results[0] == results[1]
+
+
 def test_event_size_is_bounded() -> None:
     framer = SseFramer(max_event_bytes=100)
     framer.feed(b"data: " + b"x" * 90)

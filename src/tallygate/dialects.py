@@ -134,10 +134,17 @@ class OpenAIChat(Extractor):
                     continue
                 delta = choice.get("delta")
                 if delta and type(delta) is dict:
-                    index = _int(choice.get("index", 0))
-                    if len(delta) == 1 and "content" in delta:  # most events: a piece of text
-                        self._text(_CONTENT[index] if index < 8 else f"content:{index}",
-                                   delta["content"])  # fmt: skip
+                    index = choice.get("index", 0)
+                    if type(index) is not int or index < 0:
+                        index = 0
+                    text = delta.get("content")
+                    if len(delta) == 1 and text and type(text) is str:  # most events: text
+                        channel = _CONTENT[index] if index < 8 else f"content:{index}"
+                        pieces = self.texts.get(channel)
+                        if pieces is None:
+                            self.texts[channel] = [text]
+                        else:
+                            pieces.append(text)
                     else:
                         self._message(delta, index)
                 reason = choice.get("finish_reason")

@@ -98,18 +98,16 @@ class SseFramer:
         # pending bytes plus the new ones gives the same events however the stream was split.
         parts = buf.split(b"\n\n")
         self._pending = parts.pop()
-        if buf[:1] == b"\n" or b"\n\n\n" in buf:
-            events = _with_blank_lines(parts)
-        else:
-            # When every line end is in a separator, each event is a single line (the usual
-            # case), and one count over the read spares a scan of each event.
-            single = buf.count(b"\n") == 2 * len(parts) + self._pending.count(b"\n")
+        try:
+            # The usual event is one `data:` line: a membership test (memchr) tells it apart.
             events = [
                 SseEvent(part + b"\n\n", part[6:])
-                if part[:6] == b"data: " and (single or b"\n" not in part)
-                else _lf_event(part + b"\n\n")
+                if part[:6] == b"data: " and b"\n" not in part
+                else _lf_part(part)
                 for part in parts
             ]
+        except _BlankLines:
+            events = _with_blank_lines(parts)
         if len(buf) > self._max and (
             len(self._pending) > self._max or any(len(e.raw) > self._max for e in events)
         ):
@@ -160,6 +158,8 @@ class SseFramer:
         """The last event, when the stream ended without its blank line (or mid-line)."""
         if not self._general:
             pending, self._pending = self._pending, b""
+            if pending[:1] == b"\n" and len(pending) > 1:  # a blank line, then the last event
+                return [SseEvent(b"\n"), _lf_event(pending[1:], terminated=False)]
             return [_lf_event(pending, terminated=False)] if pending else []
         if not self._buf:
             return []
@@ -192,6 +192,18 @@ class SseFramer:
         event = SseEvent(raw, data, self._event, self._id, self._retry)
         self._reset_fields()
         return event
+
+
+class _BlankLines(Exception):
+    """A read in which blank lines run on: framed by _with_blank_lines instead."""
+
+
+def _lf_part(part: bytes) -> SseEvent:
+    """An event other than a single data line, cut at b"\n\n"; raises _BlankLines for a piece
+    that shows a run of blank lines (empty, or starting with the LF of a third line end)."""
+    if not part or part[0] == _LF:
+        raise _BlankLines
+    return _lf_event(part + b"\n\n")
 
 
 def _with_blank_lines(parts: list[bytes]) -> list[SseEvent]:
