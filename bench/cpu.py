@@ -89,7 +89,7 @@ def main() -> None:
                     rate = run.h2load(target.port, args.requests, 32, target.gzip, scratch)
                     spent = sum(run.cpu_seconds(pid) for pid in target.pids) - before
                     if args.ttfb:
-                        times = asyncio.run(run.ttfb(target.port, args.ttfb))
+                        times = asyncio.run(run.ttfb(target.port, args.ttfb, gzip=target.gzip))
                         firsts[name].append(statistics.median(times))
                 finally:
                     target.stop()

@@ -264,16 +264,19 @@ async def one_stream(port: int, gzip: bool, headers: tuple[str, ...] = ()) -> St
     return await done
 
 
-async def ttfb(port: int, requests: int, headers: tuple[str, ...] = ()) -> list[float]:
-    """Time to first byte of `requests` sequential streams, each on a new connection. The client
-    runs on the load core, like h2load: left to the scheduler, it can land on the proxy's core
-    and wait there for the proxy's work after the send (metering), which is not latency."""
+async def ttfb(
+    port: int, requests: int, headers: tuple[str, ...] = (), gzip: bool = False
+) -> list[float]:
+    """Time to first byte of `requests` sequential streams, each on a new connection, asking for
+    gzip from a target that compresses. The client runs on the load core, like h2load: left to
+    the scheduler, it can land on the proxy's core and wait there for the proxy's work after
+    the send (metering), which is not latency."""
     times = []
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {int(LOAD_CORE)})
     try:
         for _ in range(requests):
-            client = await one_stream(port, False, headers)
+            client = await one_stream(port, gzip, headers)
             times.append(client.times[0] - client.sent)
     finally:
         os.sched_setaffinity(0, affinity)
@@ -424,7 +427,7 @@ def measure_peer(make: Callable[[int], Target], fast: Target, slow: dict[float, 
             row["failed"] = f"its first answer was {status!r}"
             return row
         row.update(measure_throughput(target, scratch, {1: 50, 32: 300, 256: 300}))
-        times = asyncio.run(ttfb(target.port, 100, target.headers))
+        times = asyncio.run(ttfb(target.port, 100, target.headers, target.gzip))
         row["ttfb_p50_ms"] = statistics.median(times) * 1e3
         row["ttfb_p99_ms"] = statistics.quantiles(times, n=100)[98] * 1e3
     except (RuntimeError, OSError) as error:
@@ -501,7 +504,7 @@ def main() -> None:
             row: dict[str, object] = {"name": name}
             try:
                 row.update(measure_throughput(target, scratch, counts))
-                times = asyncio.run(ttfb(target.port, ttfb_requests))
+                times = asyncio.run(ttfb(target.port, ttfb_requests, gzip=target.gzip))
                 row["ttfb_p50_ms"] = statistics.median(times) * 1e3
                 row["ttfb_p99_ms"] = statistics.quantiles(times, n=100)[98] * 1e3
             finally:
