@@ -5,7 +5,7 @@
 KIND and TREE as in bench/cpu.py. Each variant runs under valgrind's callgrind (Debian package
 `valgrind`): warmed up with 200 requests, counters zeroed, then `--requests` at c=8 from h2load,
 and the instructions executed in that window divided by the count. The same code gives the same
-figure within 0.3% from run to run, where CPU time on this machine swings by 20%: use it to
+figure within 0.1% from run to run, where CPU time on this machine swings by 20%: use it to
 tell whether a change made the work smaller. It is not a time: cache misses, system calls and
 waits are not in it (bench/cpu.py and bench/run.py measure those). About a minute per variant.
 """
@@ -47,7 +47,8 @@ def command(kind: str, scratch: Path, port: int, upstream: int) -> list[str]:
 def count(kind: str, tree: Path | None, scratch: Path, upstream: int, requests: int) -> float:
     port = run.free_port()
     out = scratch / f"callgrind-{port}.out"
-    env = dict(os.environ, PYTHONPATH=str((tree or HERE.parent) / "src"))
+    # A fixed hash seed: dict and set layouts, and so the instructions, do not vary by run.
+    env = dict(os.environ, PYTHONPATH=str((tree or HERE.parent) / "src"), PYTHONHASHSEED="0")
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
          *command(kind, scratch, port, upstream)],
