@@ -52,6 +52,18 @@ def start(kind: str, tree: Path | None, scratch: Path, upstream: int) -> run.Tar
             os.environ["PYTHONPATH"] = previous
 
 
+def parse_variants(specs: list[str]) -> list[tuple[str, str, Path | None]]:
+    """`NAME=KIND[@TREE]` specs as (name, kind, tree); none given: one of each kind here."""
+    variants: list[tuple[str, str, Path | None]] = []
+    for spec in specs or [f"{kind}={kind}" for kind in KINDS]:
+        name, _, rest = spec.partition("=")
+        kind, _, tree = rest.partition("@")
+        if kind not in KINDS:
+            sys.exit(f"unknown kind {kind!r} in {spec!r}; one of {', '.join(KINDS)}")
+        variants.append((name, kind, Path(tree).resolve() if tree else None))
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -63,13 +75,7 @@ def main() -> None:
                         help="NAME=KIND[@TREE]; default: one of each kind on this tree")  # fmt: skip
     args = parser.parse_args()
     run.prepare_environment()
-    variants: list[tuple[str, str, Path | None]] = []
-    for spec in args.variant or [f"{kind}={kind}" for kind in KINDS]:
-        name, _, rest = spec.partition("=")
-        kind, _, tree = rest.partition("@")
-        if kind not in KINDS:
-            sys.exit(f"unknown kind {kind!r} in {spec!r}; one of {', '.join(KINDS)}")
-        variants.append((name, kind, Path(tree).resolve() if tree else None))
+    variants = parse_variants(args.variant)
 
     scratch = Path(tempfile.mkdtemp(prefix="tallygate-cpu-"))
     upstream = run.start_upstream(scratch, 0)

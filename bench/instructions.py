@@ -13,7 +13,6 @@ waits are not in it (bench/cpu.py and bench/run.py measure those). About a minut
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -24,23 +23,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run  # noqa: E402
-from cpu import KINDS  # noqa: E402
+from cpu import parse_variants  # noqa: E402
 
 
 def command(kind: str, scratch: Path, port: int, upstream: int) -> list[str]:
     if kind.startswith("bare"):
         return [sys.executable, str(HERE / "bare_relay.py"), "--port", str(port),
                 "--upstream", str(upstream), *(["--gzip"] if kind == "bare-gzip" else [])]  # fmt: skip
-    metering = kind != "relay"
-    config = {
-        "listen": f"127.0.0.1:{port}", "admin": {"listen": f"127.0.0.1:{run.free_port()}"},
-        "upstreams": {"openai": {"url": f"http://127.0.0.1:{upstream}"}},
-        "routes": [{"path_prefix": "/", "upstream": "openai"}],
-        "compression": {"gzip": kind == "gzip"}, "metering": {"enabled": metering},
-        "access_log": str(scratch / f"access-{port}.jsonl") if metering else "off",
-    }  # fmt: skip
-    path = scratch / f"tallygate-{port}.yaml"
-    path.write_text(json.dumps(config))
+    path = run.tallygate_config(scratch, port, upstream, kind != "relay", kind == "gzip")
     return [sys.executable, "-m", "tallygate", "serve", "-c", str(path)]
 
 
@@ -84,13 +74,7 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed (Debian: valgrind)")
     run.prepare_environment()
-    variants: list[tuple[str, str, Path | None]] = []
-    for spec in args.variant or [f"{kind}={kind}" for kind in KINDS]:
-        name, _, rest = spec.partition("=")
-        kind, _, tree = rest.partition("@")
-        if kind not in KINDS:
-            sys.exit(f"unknown kind {kind!r} in {spec!r}; one of {', '.join(KINDS)}")
-        variants.append((name, kind, Path(tree).resolve() if tree else None))
+    variants = parse_variants(args.variant)
     scratch = Path(tempfile.mkdtemp(prefix="tallygate-instructions-"))
     upstream = run.start_upstream(scratch, 0)
     print("| variant | instructions per request |")

@@ -155,11 +155,11 @@ def start_nginx(scratch: Path, upstream: int, gzip: bool) -> Target:
     return Target(name, port, [int(p) for p in workers] or [proc.pid], [proc], gzip)
 
 
-def start_tallygate(scratch: Path, upstream: int, name: str, metering: bool, gzip: bool,
-                    workers: int = 1, core: str | None = PROXY_CORE) -> Target:  # fmt: skip
-    port, admin = free_port(), free_port()
+def tallygate_config(scratch: Path, port: int, upstream: int, metering: bool, gzip: bool,
+                     workers: int = 1) -> Path:  # fmt: skip
+    """A config file for one benchmark target: everything but the switches at its defaults."""
     config = {
-        "listen": f"127.0.0.1:{port}", "admin": {"listen": f"127.0.0.1:{admin}"},
+        "listen": f"127.0.0.1:{port}", "admin": {"listen": f"127.0.0.1:{free_port()}"},
         "upstreams": {"openai": {"url": f"http://127.0.0.1:{upstream}"}},
         "routes": [{"path_prefix": "/", "upstream": "openai"}],
         "compression": {"gzip": gzip},
@@ -169,6 +169,13 @@ def start_tallygate(scratch: Path, upstream: int, name: str, metering: bool, gzi
     }  # fmt: skip
     path = scratch / f"tallygate-{port}.yaml"
     path.write_text(json.dumps(config))
+    return path
+
+
+def start_tallygate(scratch: Path, upstream: int, name: str, metering: bool, gzip: bool,
+                    workers: int = 1, core: str | None = PROXY_CORE) -> Target:  # fmt: skip
+    port = free_port()
+    path = tallygate_config(scratch, port, upstream, metering, gzip, workers)
     proc = spawn(
         [sys.executable, "-m", "tallygate", "serve", "-c", str(path)],
         core,
