@@ -115,6 +115,22 @@ def gunzip(data: bytes) -> bytes:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def paced_stream(events: list[bytes], pace: float = 0.1) -> Handler:
+    """An upstream handler sending `events` as an event stream, `pace` seconds apart: a stream
+    that is still in flight while a test reloads, drains or signals the proxy."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+            await asyncio.sleep(pace)
+        await response.write_eof()
+        return response
+
+    return handler
+
+
 class FakeUpstream:
     """An aiohttp server on 127.0.0.1 with an OS-chosen port; tests set `handler`."""
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import FakeUpstream, start_serve
+from conftest import FakeUpstream, paced_stream, start_serve
 
 EVENTS = [b'data: {"n":%d}\n\n' % i for i in range(12)]
 
@@ -62,16 +62,7 @@ async def status(url: str) -> int:
 async def test_sigterm_drains_in_flight_streams_and_fails_readiness(
     upstream: FakeUpstream, serve: object
 ) -> None:
-    async def slow_stream(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for event in EVENTS:
-            await response.write(event)
-            await asyncio.sleep(0.1)
-        await response.write_eof()
-        return response
-
-    upstream.handler = slow_stream
+    upstream.handler = paced_stream(EVENTS)
     process = await serve("10s")  # type: ignore[operator]
     admin = f"http://127.0.0.1:{process.admin}"
     assert await status(f"{admin}/readyz") == 200

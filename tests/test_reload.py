@@ -14,7 +14,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from conftest import FakeUpstream, start_serve
+from conftest import FakeUpstream, paced_stream, start_serve
 
 EVENTS = [b'data: {"n":%d}\n\n' % i for i in range(8)]
 
@@ -49,15 +49,7 @@ async def config_hash(admin: int) -> str:
 async def test_sighup_applies_the_new_file_to_new_requests_only(
     tmp_path: Path, upstream: FakeUpstream, workers: int
 ) -> None:
-    async def slow_a(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for event in EVENTS:
-            await response.write(event)
-            await asyncio.sleep(0.1)
-        return response
-
-    upstream.handler = slow_a
+    upstream.handler = paced_stream(EVENTS)
     other = FakeUpstream()
     await other.start()
 
