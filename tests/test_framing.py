@@ -6,7 +6,7 @@ import itertools
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tallygate.framing import EventTooLarge, NdjsonFramer, NdjsonLine, SseEvent, SseFramer
@@ -115,6 +115,37 @@ def test_lf_fast_path_frames_as_the_general_path(parts: list[bytes], cuts: list[
             events += framer.feed(body[a:b])
         results.append(signature(events + framer.close()))
     assert fast._general is False
+    assert results[0] == results[1]
+
+
+@given(st.lists(st.sampled_from([b"data: x", b"data:", b"data: {}", b": c", b"event: e", b"\n",
+                                 b"\n\n", b"\r", b"x" * 40]), max_size=30),
+       st.lists(st.integers(1, 400), max_size=8), st.sampled_from([12, 40, 1 << 20]))  # fmt: skip
+@example([b"data: a", b"\n\n", b"data: ", b"x" * 40, b"\n\n"], [], 40)  # too large, in one read
+def test_feed_data_gives_the_data_feed_gives(
+    parts: list[bytes], cuts: list[int], bound: int
+) -> None:
+    # The meter's way in: the data alone when a read holds only single data lines, the events
+    # otherwise; either way the same data in the same order as feed(), and the same refusals.
+    body = b"".join(parts)
+    bounds = [0, *sorted({c for c in cuts if c < len(body)}), len(body)]
+    results = []
+    for data_only in (False, True):
+        framer = SseFramer(max_event_bytes=bound)
+        seen: list[tuple[bytes | None, str | None]] = []
+        try:
+            for a, b in itertools.pairwise(bounds):
+                if data_only:
+                    datas, events = framer.feed_data(body[a:b])
+                    assert not (datas and events)
+                    seen += [(data, None) for data in datas]
+                else:
+                    events = framer.feed(body[a:b])
+                seen += [(event.data, event.event) for event in events]
+            seen += [(event.data, event.event) for event in framer.close()]
+        except EventTooLarge as error:
+            seen += [("too large", len(error.events))]  # type: ignore[list-item]
+        results.append(seen)
     assert results[0] == results[1]
 
 

@@ -176,7 +176,7 @@ def _sse_flush_point(data: bytes, tail: int) -> int:
     # An SSE event ends with an empty line: two line ends in a row, where a line end is LF, CR or
     # CRLF. Two in a row therefore show as LF LF, LF CR or CR CR (CR LF is a single line end).
     end = data.rfind(b"\n\n")
-    if b"\r" in data:  # rare: most streams end lines with LF alone, and two more scans cost
+    if _CR in data:  # rare: most streams end lines with LF alone, and two more scans cost
         end = max(end, data.rfind(b"\n\r"), data.rfind(b"\r\r"))
     if end >= 0:
         end += 2

@@ -207,8 +207,9 @@ class ResponseMeter:
             data = event.data
             # Only an event naming usage can be the usage-only chunk: it is metered now, to
             # decide; the others once they are sent.
-            if data and b'"usage"' in data:
-                if self._event(event):
+            # find(), not `in`: CPython 3.11's bytes `in` raises and clears a TypeError inside.
+            if data and data.find(b'"usage"') >= 0:
+                if self._event(data, event.event):
                     continue
             else:
                 self._queued.append(event)
@@ -224,7 +225,7 @@ class ResponseMeter:
         if self._queued:
             queued, self._queued = self._queued, []
             for event in queued:
-                self._event(event)
+                self._event(event.data, event.event)
         self._count()
 
     def feed(self, chunk: bytes) -> bytes:
@@ -238,14 +239,22 @@ class ResponseMeter:
         if self._framer is None:
             self._collect(chunk)
             return
+        framer = self._framer
+        datas: list[bytes] = []
+        events: list[SseEvent] | list[NdjsonLine]
         try:
-            events = self._framer.feed(chunk)
+            if isinstance(framer, SseFramer):
+                datas, events = framer.feed_data(chunk)
+            else:
+                events = framer.feed(chunk)
         except EventTooLarge as error:
             self._give_up("framing", error)
             return
         meter = self._event
+        for data in datas:  # single data lines: no event name
+            meter(data, None)
         for event in events:
-            meter(event)
+            meter(event.data, event.event)
 
     def close(self) -> bytes:
         """The end of the body: what the client still has to receive (when stripping)."""
@@ -260,17 +269,16 @@ class ResponseMeter:
                     self._count_error("dialect", error)
                 self._count()
             return b""
-        kept = [event.raw for event in self._framer.close() if not self._event(event)]
+        kept = [e.raw for e in self._framer.close() if not self._event(e.data, e.event)]
         self._count()
         return b"".join(kept) if self._strip else b""
 
-    def _event(self, event: SseEvent | NdjsonLine) -> bool:
-        """Meter one event; True when it is the usage-only chunk to strip."""
-        data = event.data
+    def _event(self, data: bytes | None, name: str | None) -> bool:
+        """Meter one event's data; True when it is the usage-only chunk to strip."""
         if not data:  # a comment, or an empty data line: nothing to meter
             return False
         try:
-            return self._extractor.event(data, event.event) and self._strip
+            return self._extractor.event(data, name) and self._strip
         except Exception as error:  # a malformed event: count it, meter the rest
             self._count_error("dialect", error)
             return False
