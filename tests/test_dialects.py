@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from tallygate.dialects import Usage, detect_dialect, extractor_for
+from tallygate.dialects import Extractor, OpenAIChat, Usage, detect_dialect, extractor_for
 from tallygate.framing import NdjsonFramer, SseFramer
 
 from conftest import CASES, Case, expected_usage
@@ -120,3 +122,116 @@ def test_in_stream_errors_are_reported() -> None:
     )
     assert chat.errors == ["The server had an error"]
     assert anthropic.errors == ["Overloaded"]
+
+
+# -- the text-only chunk template (ContentTemplate) ----------------------------------------------
+
+OPENAI_CHAT_CASES = [c for c in CASES if detect_dialect(c.path) == "openai_chat"]
+
+
+def state(extractor: Extractor) -> tuple:
+    return (extractor.take_texts(), extractor.model, extractor.usage, extractor.finish_reason,
+            extractor.errors)  # fmt: skip
+
+
+def feed_all(extractor: Extractor, datas: list[bytes]) -> list[object]:
+    """What each event() call gave: its value, or the exception it raised."""
+    results: list[object] = []
+    for data in datas:
+        try:
+            results.append(extractor.event(data, None))
+        except Exception as error:
+            results.append(type(error).__name__)
+    return results
+
+
+def unlearned() -> OpenAIChat:
+    extractor = OpenAIChat()
+    extractor._lessons = 0  # never takes a template: every chunk is parsed
+    return extractor
+
+
+@pytest.mark.parametrize("case", OPENAI_CHAT_CASES, ids=lambda c: c.id[:3])
+def test_template_reads_every_recorded_stream_as_parsing_does(case: Case) -> None:
+    framer = SseFramer()
+    datas = [e.data for e in framer.feed(case.body) + framer.close() if e.data]
+    learning, parsing = OpenAIChat(), unlearned()
+    assert feed_all(learning, datas) == feed_all(parsing, datas)
+    assert state(learning) == state(parsing)
+
+
+def test_template_serves_the_recorded_openai_streams() -> None:
+    # Not a correctness check (the test above is): that the fast path is taken at all.
+    served = 0
+    for case in OPENAI_CHAT_CASES:
+        framer = SseFramer()
+        extractor = OpenAIChat()
+        for event in framer.feed(case.body):
+            if event.data and extractor._template is not None:
+                served += extractor._template.text(event.data) is not None
+            extractor.event(event.data or b"", None) if event.data else None
+    assert served > 100
+
+
+TEMPLATES = [
+    # The benchmark's chunk, OpenAI's with its padding, and other providers' shapes.
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":'
+    b'[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}],'
+    b'"usage":null,"obfuscation":"NA5VZ"}',
+    b'{"id":"c2","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+    b'"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}',
+    b'{"choices":[{"content_filter_results":{},"delta":{"content":"Hi"},"finish_reason":null,'
+    b'"index":1,"logprobs":null}],"created":1,"id":"c3","model":"gpt-35-turbo"}',
+    b'{"id":"c4","model":"x","choices":[{"index":0,"delta":{"content":"Hi"}}],'
+    b'"obfuscation":"a","x":{"obfuscation":"b"}}',
+]
+# Raw bytes spliced in where the text goes, and where the padding goes: plain text, escapes,
+# quotes, backslashes, control characters, invalid UTF-8, and the template's own bytes.
+RAW = st.one_of(
+    st.text().map(str.encode),
+    st.binary(max_size=12),
+    st.lists(st.sampled_from([b"a", b"\\", b'"', b"\\n", b"\\u0041", b"\n", b"\x00", b"\xff",
+                              b"\xc3\xa9", b"}", b",", b'","x":"', b'"},"usage":{"x":1},"a":{"b":"',
+                              b"obfuscation", b"\\\\", b" "]), max_size=8).map(b"".join),
+)  # fmt: skip
+
+
+@given(st.sampled_from(TEMPLATES), st.lists(st.tuples(RAW, RAW), max_size=6))
+@example(TEMPLATES[0], [(b"ok", b"\x00")])  # a control character in the padding: not JSON
+@example(TEMPLATES[0], [(b"a\\nb", b"x"), (b"\xc3", b"x"), (b"a\tb", b"x")])
+def test_template_reads_any_chunk_as_parsing_does(
+    template: bytes, pieces: list[tuple[bytes, bytes]]
+) -> None:
+    # Chunks made from the template by splicing any bytes into the text and the padding: the
+    # template's reading (or its refusal, then a parse) must equal the parse, error for error.
+    head, _, rest = template.partition(b'"content":"Hi"')
+    datas = [template]
+    for text, pad in pieces:
+        chunk = head + b'"content":"' + text + b'"' + rest
+        if b'"obfuscation":"' in chunk:
+            before, _, after = chunk.rpartition(b'"obfuscation":"')
+            chunk = before + b'"obfuscation":"' + pad + after[after.index(b'"') :]
+        datas.append(chunk)
+    learning, parsing = OpenAIChat(), unlearned()
+    assert feed_all(learning, datas) == feed_all(parsing, datas)
+    assert state(learning) == state(parsing)
+
+
+def test_template_is_not_taken_from_a_misleading_chunk() -> None:
+    # The text also stands under another key, and the delta's key is written in escapes: the
+    # only plain `"content":"` is not the delta's, and the probe parse tells.
+    tricky = (b'{"a\\"content":"Hi","model":"m","choices":[{"index":0,'
+              b'"delta":{"\\u0063ontent":"Hi"},"finish_reason":null}]}')  # fmt: skip
+    extractor = OpenAIChat()
+    extractor.event(tricky, None)
+    assert extractor._template is None
+    assert extractor.take_texts() == {"content:0": ["Hi"]}
+
+
+def test_a_stream_whose_chunks_never_match_stops_learning() -> None:
+    extractor = OpenAIChat()
+    for n in range(20):  # a timestamp per chunk: no template ever serves
+        chunk = b'{"created":%d,"choices":[{"index":0,"delta":{"content":"x"}}]}' % n
+        extractor.event(chunk, None)
+    assert extractor._lessons == 0
+    assert extractor.take_texts() == {"content:0": ["x"] * 20}

@@ -11,6 +11,7 @@ cached and cache-written ones included; `output` counts every output token, reas
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -116,9 +117,27 @@ class Extractor:
 
 
 class OpenAIChat(Extractor):
+    def __init__(self) -> None:
+        super().__init__()
+        self._template: ContentTemplate | None = None
+        self._lessons = _LESSONS
+
     # This runs for every event of every stream, so it is written for speed: exact type checks
     # (orjson builds no subclasses), one look-up per field, no helper calls on the common path.
     def event(self, data: bytes, name: str | None) -> bool:
+        template = self._template
+        if template is not None:
+            text = template.text(data)
+            if text is not None:  # what parsing it would have done, without parsing it
+                if template.model != self.model:
+                    self._model(template.model)
+                if text:
+                    pieces = self.texts.get(template.channel)
+                    if pieces is None:
+                        self.texts[template.channel] = [text]
+                    else:
+                        pieces.append(text)
+                return False
         if data == b"[DONE]":
             return False
         chunk = orjson.loads(data)
@@ -147,6 +166,8 @@ class OpenAIChat(Extractor):
                             self.texts[channel] = [text]
                         else:
                             pieces.append(text)
+                        if self._lessons and len(choices) == 1:
+                            self._learn(data, chunk, text, channel)
                     else:
                         self._message(delta, index)
                 reason = choice.get("finish_reason")
@@ -162,6 +183,23 @@ class OpenAIChat(Extractor):
             self.usage = openai_usage(usage)
             return choices == [] and set(chunk) <= _USAGE_CHUNK_KEYS
         return False
+
+    def _learn(self, data: bytes, chunk: dict[str, Any], text: str, channel: str) -> None:
+        """Take this text-only chunk as the template for the next ones, when it has nothing
+        else to say: no finish reason, usage or error."""
+        choice = chunk["choices"][0]
+        if (
+            choice.get("finish_reason") is not None
+            or "error" in chunk
+            or chunk.get("usage") is not None
+            or "x_groq" in chunk
+        ):
+            return
+        template = ContentTemplate.cut(data, chunk, text, channel)
+        if template is not None:  # the text is plain: worth a check (a parse)
+            self._lessons -= 1
+            if template.holds(data):
+                self._template = template
 
     def body(self, data: bytes) -> None:
         response = _dict(orjson.loads(data))
@@ -206,6 +244,112 @@ class OpenAIChat(Extractor):
 
 
 _CONTENT = [f"content:{i}" for i in range(8)]
+
+# How many chunks a stream may take as a template. A provider whose chunks differ in more than
+# the text (a timestamp or an id per chunk) never matches one: it stops trying, so that it pays
+# for learning a few times, not on every chunk.
+_LESSONS = 4
+
+# A byte that a JSON string holds only escaped: a control character or a backslash. A string
+# without them (and without a quote) reads as its own UTF-8 bytes.
+_ESCAPED = re.compile(rb"[\x00-\x1f\\]")
+# The padding is read without decoding: printable ASCII only (OpenAI's is letters and digits).
+_NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]|\\")
+_PADDING_KEY = b',"obfuscation":"'
+
+
+class ContentTemplate:
+    """The bytes of a provider's text-only chunk around its text: `prefix`, the text, `suffix`.
+
+    OpenAI-style streams repeat one chunk shape per token, the same bytes but for the text (and
+    OpenAI's `obfuscation` padding, of random length). A chunk made of the same prefix, a text
+    with nothing escaped and the same suffix (the padding aside, if plain too) is, as JSON, the
+    template with only that string changed, so it means what the template meant, with this text.
+    `text()` reads such a chunk with byte comparisons and a scan, for about half of what
+    parsing it costs; any other chunk is parsed.
+
+    `holds()` checks a template with orjson itself: a probe built on it must parse as the
+    template with only the text (and padding) changed, so that a key written in escapes, or a
+    text found elsewhere than in the delta, never makes one.
+    """
+
+    __slots__ = ("channel", "model", "padding", "prefix", "start", "suffix")
+
+    def __init__(
+        self, prefix: bytes, suffix: bytes, padding: int, channel: str, model: object
+    ) -> None:
+        self.prefix = prefix
+        self.start = len(prefix)
+        self.suffix = suffix  # from the text's closing quote to the end
+        self.padding = padding  # where in the suffix the padding's value starts; 0: none
+        self.channel = channel
+        self.model = model
+
+    @classmethod
+    def cut(
+        cls, data: bytes, chunk: dict[str, Any], text: str, channel: str
+    ) -> ContentTemplate | None:
+        """The template `data` would make, cut around `text`; None when `text` is not written
+        plain in it, once. Not yet checked: see `holds()`."""
+        key = data.find(b'"content":"')
+        if key < 0 or data.find(b'"content":"', key + 1) >= 0:
+            return None
+        start = key + 11
+        encoded = text.encode()
+        end = start + len(encoded)
+        if data[start:end] != encoded or data[end : end + 1] != b'"':
+            return None  # written with escapes
+        suffix = data[end:]
+        padding = suffix.rfind(_PADDING_KEY)
+        padding = padding + len(_PADDING_KEY) if padding > 0 else 0
+        if padding and suffix.find(b'"', padding) != len(suffix) - 2:
+            padding = 0
+        return cls(data[:start], suffix, padding, channel, chunk.get("model"))
+
+    def holds(self, data: bytes) -> bool:
+        """Whether orjson reads a probe built on this template (`data`'s) as `data` with only
+        the text, and the padding, changed."""
+        suffix, padding = self.suffix, self.padding
+        probe = (
+            self.prefix
+            + b"probe"
+            + (suffix[:padding] + b"pad" + suffix[-2:] if padding else suffix)
+        )
+        expected = orjson.loads(data)
+        expected["choices"][0]["delta"]["content"] = "probe"
+        if padding:
+            expected["obfuscation"] = "pad"
+        try:
+            return bool(orjson.loads(probe) == expected)
+        except orjson.JSONDecodeError:
+            return False
+
+    def text(self, data: bytes) -> str | None:
+        """The text of a chunk made on this template; None for any other chunk."""
+        if not data.startswith(self.prefix):
+            return None
+        start = self.start
+        end = data.find(b'"', start)
+        if end < 0 or _ESCAPED.search(data, start, end) is not None:
+            return None
+        suffix = self.suffix
+        if len(data) - end != len(suffix) or not data.endswith(suffix):
+            padding = self.padding
+            if not padding or not data.startswith(suffix[:padding], end):
+                return None
+            value = end + padding
+            close = data.find(b'"', value)
+            if (
+                close != len(data) - 2
+                or not data.endswith(suffix[-2:])
+                or _NOT_PRINTABLE.search(data, value, close) is not None
+            ):
+                return None
+        try:
+            return data[start:end].decode()
+        except UnicodeDecodeError:
+            return None
+
 
 # The keys of the usage-only chunk OpenAI sends last when include_usage is set.
 _USAGE_CHUNK_KEYS = frozenset(
