@@ -98,9 +98,11 @@ def test_any_line_ending_mix_frames_identically_at_any_split(
 
 
 @given(st.lists(st.sampled_from([b"data: x", b"data:", b": c", b"event: e", b"id: 1", b"\n",
-                                 b"\n\n", "é".encode(), b"retry: 5", b'data: {"a":1}']),
+                                 b"\n\n", "é".encode(), b"retry: 5", b'data: {"a":1}',
+                                 b"event: e\ndata: x\n\n", b"event: \ndata: x\ndata: y\n\n"]),
                 max_size=40),
        st.lists(st.integers(1, 400), max_size=8))  # fmt: skip
+@example([b"event: e\ndata: x\n\n", "event: é\ndata: \n\n".encode(), b"event:e\ndata: x\n\n"], [])
 def test_lf_fast_path_frames_as_the_general_path(parts: list[bytes], cuts: list[int]) -> None:
     # LF-only streams take a fast path (cut at b"\n\n"); the general line-by-line path is the
     # reference. Forcing it is the only way to compare them on the same bytes.

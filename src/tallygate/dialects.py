@@ -490,7 +490,7 @@ class AnthropicMessages(Extractor):
             index = _int(message.get("index"))
             delta_type = delta.get("type")
             if delta_type == "text_delta":
-                self._text(f"content:{index}", delta.get("text"))
+                self._text(_CONTENT[index] if index < 8 else f"content:{index}", delta.get("text"))
             elif delta_type == "thinking_delta":
                 self._text(f"reasoning:{index}", delta.get("thinking"))
             elif delta_type == "input_json_delta":

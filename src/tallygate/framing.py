@@ -266,6 +266,10 @@ def _lf_event(raw: bytes, terminated: bool = True) -> SseEvent:
     body = raw[:-2] if terminated else raw.rstrip(b"\n")
     if body.startswith(b"data: ") and _LF not in body:  # the common case: one data line
         return SseEvent(raw, body[6:])
+    if body.startswith(b"event: "):  # named events (Anthropic, Responses): a name, one data line
+        end = body.find(b"\n")
+        if end > 0 and body.startswith(b"data: ", end + 1) and _LF not in body[end + 1 :]:
+            return SseEvent(raw, body[end + 7 :], body[7:end].decode("utf-8", "replace"))
     data: list[bytes] = []
     event = event_id = None
     retry = None
