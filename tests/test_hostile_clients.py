@@ -396,3 +396,21 @@ def test_tls_config_errors_name_the_key(tmp_path: Path, certificate: tuple[Path,
     with pytest.raises(ConfigError) as caught:
         load_config_text(text, {})
     assert caught.value.problems[0].startswith("listen.tls: cannot load")
+
+
+async def test_bytes_above_0x7f_in_the_path_and_headers_get_an_answer_and_exact_counts(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog
+) -> None:
+    # obs-text in a header: aiohttp hands it over as a lone surrogate, which strict UTF-8
+    # encoding (counting the head's bytes) refused, and the request ended in aiohttp's bare 500.
+    upstream.handler = ok_json
+    running = await make_proxy()
+    for path, status in ((b"/v1/chat/completions", 200), (b"/v1/caf\xe9", 400)):
+        data = request(path, b"X-Note: caf\xe9\r\nConnection: close\r\n")
+        answer = await exchange(running.proxy_port, data)
+        got, headers, _ = parse(answer)
+        assert got == status and headers["content-type"].startswith("application/json")
+        await records.wait_for(1 if status == 200 else 2)
+        record = records[-1]
+        assert record["bytes"]["client_in"] == len(data)
+        assert record["bytes"]["client_out"] == len(answer)

@@ -119,6 +119,7 @@ async def test_wire_bytes_are_exact(
             sent = (
                 b"POST /v1/messages HTTP/1.1\r\nHost: tallygate\r\nContent-Type: application/json\r\n"
                 b"Accept-Encoding: " + accept + b"\r\nConnection: close\r\n"
+                b"X-Note: caf\xe9\r\n"  # a byte above 0x7F (obs-text) counts once
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
             )
             writer.write(sent)

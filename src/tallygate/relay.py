@@ -43,7 +43,7 @@ from .pricing import Costing
 from .routing import Router, path_problem, upstream_url
 from .tenants import Tenants
 from .tokens import Tokenizers
-from .usage import Exchange, head_size
+from .usage import Exchange, head_size, received_head_size
 
 log = logging.getLogger("tallygate.relay")
 
@@ -179,9 +179,9 @@ class Proxy:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = self._exchange(request)
         version = request.version
-        exchange.client_in = head_size(
+        exchange.client_in = received_head_size(
             f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}",
-            ((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers),
+            request.raw_headers,
         )
         self.active += 1
         try:
@@ -756,10 +756,7 @@ def _received_head_size(upstream_response: aiohttp.ClientResponse) -> int:
     version = upstream_response.version
     number = f"{version.major}.{version.minor}" if version is not None else "1.1"
     line = f"HTTP/{number} {upstream_response.status} {upstream_response.reason}"
-    return head_size(
-        line,
-        ((k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream_response.raw_headers),
-    )
+    return received_head_size(line, upstream_response.raw_headers)
 
 
 def _describe(error: BaseException) -> str:

@@ -23,11 +23,21 @@ TokensSource = Literal["reported", "estimated", "mixed", "none"]
 
 def head_size(start_line: str, headers: Iterable[tuple[str, str]]) -> int:
     """Bytes of an HTTP/1.1 head as aiohttp serializes it: start line, `Name: value` lines,
-    blank line."""
+    blank line.
+
+    A header byte above 0x7F that a client sent (obs-text) reaches us as a lone surrogate
+    (aiohttp decodes heads with surrogateescape); aiohttp's writer leaves surrogates out, and
+    so does this count (strict encoding raised here, and the request ended in a bare 500)."""
     size = len(start_line.encode()) + 2 + 2
     for name, value in headers:
-        size += len(name.encode()) + 2 + len(value.encode()) + 2
+        size += len(name.encode("utf-8", "ignore")) + 2 + len(value.encode("utf-8", "ignore")) + 2
     return size
+
+
+def received_head_size(start_line: str, raw_headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """The same for a head as the parser received it: the headers' own bytes (a byte above
+    0x7F counts once, where decoding and re-encoding it would count two)."""
+    return len(start_line.encode()) + 4 + sum(len(k) + len(v) + 4 for k, v in raw_headers)
 
 
 @dataclass(slots=True)
