@@ -153,6 +153,25 @@ async def test_a_content_length_shorter_than_the_body_ends_at_the_length(
     assert records[0]["outcome"] == "ok"
 
 
+async def test_bytes_above_0x7f_in_the_status_line_and_headers_are_relayed_and_counted(
+    make_proxy: ProxyFactory, records: RecordLog
+) -> None:
+    # aiohttp hands such bytes over as lone surrogates; counting the head encoded them strictly
+    # and raised, and the client got aiohttp's bare 500 instead of the upstream's answer.
+    event = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n'
+    head = (b"HTTP/1.1 200 Caf\xe9\r\nContent-Type: text/event-stream\r\nX-Note: caf\xe9\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(event))  # fmt: skip
+
+    async def serve(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(head + event)
+        await writer.drain()
+
+    received, ending, status = await relay(make_proxy, serve, compression={"gzip": False})
+    assert (received, ending, status) == (event, None, 200)
+    await records.wait_for(1)
+    assert records[0]["bytes"]["upstream_in"] == len(head) + len(event)
+
+
 async def test_a_response_that_is_not_http_is_a_502_that_quotes_nothing(
     make_proxy: ProxyFactory, records: RecordLog, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -36,8 +36,11 @@ def head_size(start_line: str, headers: Iterable[tuple[str, str]]) -> int:
 
 def received_head_size(start_line: str, raw_headers: Iterable[tuple[bytes, bytes]]) -> int:
     """The same for a head as the parser received it: the headers' own bytes (a byte above
-    0x7F counts once, where decoding and re-encoding it would count two)."""
-    return len(start_line.encode()) + 4 + sum(len(k) + len(v) + 4 for k, v in raw_headers)
+    0x7F counts once, where decoding and re-encoding it would count two), and the start line
+    encoded back as aiohttp decoded it (surrogateescape: an upstream's reason phrase may hold
+    such bytes too)."""
+    line = len(start_line.encode("utf-8", "surrogateescape"))
+    return line + 4 + sum(len(k) + len(v) + 4 for k, v in raw_headers)
 
 
 @dataclass(slots=True)
