@@ -149,19 +149,18 @@ class ResponseMeter:
         self._request_id = request_id
         self._tools_offered = tools_offered
         kind = media_type(content_type)
-        self._framer: SseFramer | NdjsonFramer | None = None
-        if kind == "text/event-stream":
-            self._framer = SseFramer(settings.max_event_bytes)
-        elif kind in ("application/x-ndjson", "application/jsonl"):
-            self._framer = NdjsonFramer(settings.max_event_bytes)
-        self.is_stream = self._framer is not None
+        ndjson = kind in ("application/x-ndjson", "application/jsonl")
+        self.is_stream = kind == "text/event-stream" or ndjson
         self._json_body = kind == "application/json" or kind.endswith("+json")
+        self._active = dialect != "none" and (self.is_stream or self._json_body)
+        self._framer: SseFramer | NdjsonFramer | None = None
+        if self._active and self.is_stream:  # a plain relay frames nothing
+            self._framer = (NdjsonFramer if ndjson else SseFramer)(settings.max_event_bytes)
         self._body: list[bytes] = []
         self._body_size = 0
         self._max = settings.max_event_bytes
         self._strip = strip_usage_chunk and isinstance(self._framer, SseFramer)
         self._errors = errors
-        self._active = dialect != "none" and (self.is_stream or self._json_body)
         self._tokenizers = tokenizers if settings.estimate else None
         self._requested_model = requested_model
         self._counters: dict[str, TokenCounter] = {}
