@@ -305,13 +305,9 @@ class NdjsonFramer:
 
     def feed(self, data: bytes) -> list[NdjsonLine]:
         buf = self._buf + data if self._buf else data
-        lines = []
-        start = 0
-        while (end := buf.find(b"\n", start)) >= 0:
-            raw = buf[start : end + 1]
-            lines.append(NdjsonLine(raw, raw.rstrip(b"\r\n")))
-            start = end + 1
-        self._buf = buf[start:]
+        parts = buf.split(b"\n")
+        self._buf = parts.pop()
+        lines = [NdjsonLine(part + b"\n", part.rstrip(b"\r")) for part in parts]
         if len(buf) > self._max and (
             len(self._buf) > self._max or any(len(line.raw) > self._max for line in lines)
         ):
