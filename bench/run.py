@@ -604,7 +604,10 @@ def render(rows: list[dict[str, object]], paced_runs: list[tuple[int, float]], o
         ]
         for streams, _ in paced_runs:
             result = row.get(f"paced_{streams}")
-            if isinstance(result, PacedResult):
+            if isinstance(result, PacedResult) and not result.exact:  # only exact ones are timed
+                cells.append(f"0 / 0: none of {result.streams} byte-exact, "
+                             f"{result.rss_per_stream / 1024:.1f}")  # fmt: skip
+            elif isinstance(result, PacedResult):
                 cells.append(f"{result.exact} / {result.on_time}, {result.worst_duration_ratio:.3f}x, "
                              f"{result.rss_per_stream / 1024:.1f}")  # fmt: skip
             else:
