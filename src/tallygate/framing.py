@@ -91,45 +91,23 @@ class SseFramer:
         cut = self._cut(data)
         if cut is None:
             return self._to_general(data)
-        parts, size = cut
-        try:
-            # The usual event is one `data:` line: a membership test (memchr) tells it apart.
-            events = [
-                SseEvent(part + b"\n\n", part[6:])
-                if part[:6] == b"data: " and _LF not in part
-                else _lf_part(part)
-                for part in parts
-            ]
-        except _BlankLines:
-            events = _with_blank_lines(parts)
-        if size > self._max:
-            self._check_size(max((len(event.raw) for event in events), default=0), events)
-        return events
+        return self._events(*cut)
 
     def feed_data(self, data: bytes) -> tuple[list[bytes], list[SseEvent]]:
         """`feed()` for a caller that reads only the events' data (the meter, when it does not
         rebuild the stream). When every event that `data` completes is a single `data:` line, as
-        in nearly every read of an LLM stream, their data comes back alone, in the first list,
-        without raw bytes or event objects (on the benchmark stream they were a quarter of what
-        framing cost). Otherwise the events come back in the second, as `feed()` gives them.
-        One of the two lists is always empty."""
+        in nearly every read of an LLM stream, and the read is within the size bound, their data
+        comes back alone, in the first list, without raw bytes or event objects (on the
+        benchmark stream they were a quarter of what framing cost). Otherwise the events come
+        back in the second, as `feed()` gives them. One of the two lists is always empty."""
         cut = self._cut(data)
         if cut is None:
             return [], self._to_general(data)
         parts, size = cut
         datas = [part[6:] for part in parts if part[:6] == b"data: " and _LF not in part]
-        if len(datas) == len(parts):
-            if size > self._max:  # rare: the events are built to go with the error
-                largest = max(map(len, parts), default=-2) + 2
-                self._check_size(largest, [_lf_part(part) for part in parts])
+        if len(datas) == len(parts) and size <= self._max:
             return datas, []
-        try:
-            events = [_lf_part(part) for part in parts]
-        except _BlankLines:
-            events = _with_blank_lines(parts)
-        if size > self._max:
-            self._check_size(max((len(event.raw) for event in events), default=0), events)
-        return [], events
+        return [], self._events(parts, size)
 
     def _cut(self, data: bytes) -> tuple[list[bytes], int] | None:
         """The fast path: the complete events `data` ends, cut before their blank line, and the
@@ -144,15 +122,28 @@ class SseFramer:
         self._pending = parts.pop()
         return parts, len(buf)
 
+    def _events(self, parts: list[bytes], size: int) -> list[SseEvent]:
+        """The events of the fast path's parts; EventTooLarge past the bound."""
+        try:
+            # The usual event is one `data:` line: a membership test (memchr) tells it apart.
+            events = [
+                SseEvent(part + b"\n\n", part[6:])
+                if part[:6] == b"data: " and _LF not in part
+                else _lf_part(part)
+                for part in parts
+            ]
+        except _BlankLines:
+            events = _with_blank_lines(parts)
+        if size > self._max and (
+            len(self._pending) > self._max or any(len(e.raw) > self._max for e in events)
+        ):
+            raise EventTooLarge(f"an SSE event exceeds {self._max} bytes", events)
+        return events
+
     def _to_general(self, data: bytes) -> list[SseEvent]:
         # The fast path's pending bytes, when it has just been left, go first.
         pending, self._pending = self._pending, b""
         return self._feed_general(pending + data) if pending or data else []
-
-    def _check_size(self, largest: int, events: list[SseEvent]) -> None:
-        """Raise when an event, complete (`largest` raw bytes) or pending, is over the bound."""
-        if len(self._pending) > self._max or largest > self._max:
-            raise EventTooLarge(f"an SSE event exceeds {self._max} bytes", events)
 
     def _feed_general(self, data: bytes) -> list[SseEvent]:
         buf = self._buf
