@@ -33,13 +33,7 @@ KINDS = ("bare", "bare-gzip", "relay", "metering", "gzip")
 
 def start(kind: str, tree: Path | None, scratch: Path, upstream: int) -> run.Target:
     if kind.startswith("bare"):
-        port = run.free_port()
-        gzip = kind == "bare-gzip"
-        args = [sys.executable, str(HERE / "bare_relay.py"), "--port", str(port),
-                "--upstream", str(upstream), *(["--gzip"] if gzip else [])]  # fmt: skip
-        proc = run.spawn(args, run.PROXY_CORE, scratch / "bare.log")
-        run.wait_port(port)
-        return run.Target(kind, port, [proc.pid], [proc], gzip)
+        return run.start_bare(scratch, upstream, gzip=kind == "bare-gzip")
     source = str((tree or HERE.parent) / "src")
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = source

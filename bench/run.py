@@ -155,6 +155,17 @@ def start_nginx(scratch: Path, upstream: int, gzip: bool) -> Target:
     return Target(name, port, [int(p) for p in workers] or [proc.pid], [proc], gzip)
 
 
+def start_bare(scratch: Path, upstream: int, gzip: bool) -> Target:
+    """bench/bare_relay.py, the floor: the least an aiohttp relay can do."""
+    port = free_port()
+    args = [sys.executable, str(HERE / "bare_relay.py"), "--port", str(port),
+            "--upstream", str(upstream), *(["--gzip"] if gzip else [])]  # fmt: skip
+    proc = spawn(args, PROXY_CORE, scratch / "bare.log")
+    wait_port(port)
+    name = "bare aiohttp relay, gzip level 1" if gzip else "bare aiohttp relay"
+    return Target(name, port, [proc.pid], [proc], gzip)
+
+
 def tallygate_config(scratch: Path, port: int, upstream: int, metering: bool, gzip: bool,
                      workers: int = 1) -> Path:  # fmt: skip
     """A config file for one benchmark target: everything but the switches at its defaults."""
@@ -299,6 +310,7 @@ class PacedResult:
     worst_gap_ratio: float
     rss_per_stream: float
     wire_per_event: float
+    cpu_per_event: float  # the target's CPU time over the run, in us per event relayed
 
 
 async def paced(target: Target, streams: int, pace: float) -> PacedResult:
@@ -314,6 +326,9 @@ async def paced(target: Target, streams: int, pace: float) -> PacedResult:
             await asyncio.sleep(0.1)
 
     sampler = asyncio.create_task(sample())
+    # Paced streams are what production looks like: a read per event, each woken on its own.
+    # Their CPU per event, accept and connect included, is the cost of a live stream.
+    cpu_before = sum(cpu_seconds(pid) for pid in target.pids)
     tasks = []
     for start in range(0, streams, 200):  # ramp up in batches, as clients arrive
         tasks += [
@@ -322,6 +337,7 @@ async def paced(target: Target, streams: int, pace: float) -> PacedResult:
         ]
         await asyncio.sleep(0.02)
     clients = await asyncio.wait_for(asyncio.gather(*tasks), nominal * 3 + 60)
+    cpu = sum(cpu_seconds(pid) for pid in target.pids) - cpu_before
     stop_sampling.set()
     await sampler
     exact = on_time = 0
@@ -347,7 +363,8 @@ async def paced(target: Target, streams: int, pace: float) -> PacedResult:
         if duration <= nominal * 1.05 and gaps <= 10 * pace:
             on_time += 1
     return PacedResult(streams, exact, on_time, worst_duration, worst_gap,
-                       (peak - baseline) / streams, statistics.mean(wire) / EVENTS if wire else 0)  # fmt: skip
+                       (peak - baseline) / streams, statistics.mean(wire) / EVENTS if wire else 0,
+                       cpu / (streams * EVENTS) * 1e6)  # fmt: skip
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -491,6 +508,9 @@ def main() -> None:
         ("direct", lambda up: Target("direct", up, [])),
         ("nginx", lambda up: start_nginx(scratch, up, gzip=False)),
         ("nginx, gzip", lambda up: start_nginx(scratch, up, gzip=True)),
+        # The floor tallygate is built on, measured in the same run: throughput and first byte.
+        ("bare aiohttp relay", lambda up: start_bare(scratch, up, gzip=False)),
+        ("bare aiohttp relay, gzip level 1", lambda up: start_bare(scratch, up, gzip=True)),
         (
             "tallygate, relay only",
             lambda up: start_tallygate(scratch, up, "tallygate, relay only", False, False),
@@ -508,7 +528,7 @@ def main() -> None:
         for name, make in targets:
             print(f"== {name}", file=sys.stderr)
             target = make(fast.port)
-            row: dict[str, object] = {"name": name}
+            row: dict[str, object] = {"name": name, "floor": name.startswith("bare")}
             try:
                 row.update(measure_throughput(target, scratch, counts))
                 times = asyncio.run(ttfb(target.port, ttfb_requests, gzip=target.gzip))
@@ -517,7 +537,7 @@ def main() -> None:
             finally:
                 if name != "direct":
                     target.stop()
-            if name != "direct":
+            if name != "direct" and not row["floor"]:
                 for streams, pace in paced_runs:
                     paced_target = make(slow[pace].port)
                     try:
@@ -578,9 +598,9 @@ def render(rows: list[dict[str, object]], paced_runs: list[tuple[int, float]], o
         f"{time.strftime('%Y-%m-%d')}; `python bench/run.py{' --quick' if quick else ''}`. "
         f"Target on core 0, load and upstream on core 1. Stream: {EVENTS} events, {len(mock.BODY)} bytes.",
         "",
-        "| target | req/s c=1 | req/s c=32 | req/s c=256 | TTFB p50 ms (+direct) | TTFB p99 ms | CPU us/event | CPU ms/stream |"
+        "| target | req/s c=1 | req/s c=32 | req/s c=256 | TTFB p50 ms (+direct) | TTFB p99 ms | CPU us/event c=32 | CPU ms/stream c=32 |"
         + "".join(
-            f" {n} streams @{int(p * 1000)} ms: exact / on time, worst duration, KiB per stream |"
+            f" {n} streams @{int(p * 1000)} ms: exact / on time, worst duration, KiB per stream, CPU us/event |"
             for n, p in paced_runs
         )
         + " gzip wire B/event @20 ms |",
@@ -606,12 +626,14 @@ def render(rows: list[dict[str, object]], paced_runs: list[tuple[int, float]], o
             result = row.get(f"paced_{streams}")
             if isinstance(result, PacedResult) and not result.exact:  # only exact ones are timed
                 cells.append(f"0 / 0: none of {result.streams} byte-exact, "
-                             f"{result.rss_per_stream / 1024:.1f}")  # fmt: skip
+                             f"{result.rss_per_stream / 1024:.1f}, {result.cpu_per_event:.1f}")  # fmt: skip
             elif isinstance(result, PacedResult):
                 cells.append(f"{result.exact} / {result.on_time}, {result.worst_duration_ratio:.3f}x, "
-                             f"{result.rss_per_stream / 1024:.1f}")  # fmt: skip
+                             f"{result.rss_per_stream / 1024:.1f}, {result.cpu_per_event:.1f}")  # fmt: skip
             else:
-                cells.append(str(result or ("not run" if row.get("peer") else "")))
+                cells.append(
+                    str(result or ("not run" if row.get("peer") or row.get("floor") else ""))
+                )
         wire = row.get("wire_per_event")
         cells.append(
             f"{wire:.1f}" if isinstance(wire, float) and "gzip" in str(row["name"]) else ""
