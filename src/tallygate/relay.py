@@ -25,6 +25,7 @@ from yarl import URL
 from . import errors
 from .accesslog import AccessLog
 from .compression import (
+    FlushPolicy,
     GzipEncoder,
     GzipSettings,
     UpstreamDecoder,
@@ -178,11 +179,6 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = self._exchange(request)
-        version = request.version
-        exchange.client_in = received_head_size(
-            f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}",
-            request.raw_headers,
-        )
         self.active += 1
         try:
             return await self._handle(request, exchange)
@@ -192,6 +188,13 @@ class Proxy:
             raise
         finally:
             self.active -= 1
+            # Heads are counted once the exchange is over: bookkeeping never stands before the
+            # first byte (on an idle core it took ~5 us of the ~60 us before the upstream call).
+            version = request.version
+            exchange.client_in += received_head_size(
+                f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}",
+                request.raw_headers,
+            )
             if not exchange.detached:  # else a drain task writes the record when it is done
                 self.finish(exchange)
 
@@ -404,15 +407,14 @@ class Proxy:
                 return await self._refuse(request, exchange, refusal, family)
             finally:
                 exchange.reached_upstream = sent
-                exchange.upstream_out = (
-                    _sent_size(request.method, url, headers, data, upstream_response) if sent else 0
-                )
             watchdog.headers_received()
-            exchange.upstream_in = _received_head_size(upstream_response)
-            response, decoder, encoder, meter = self._start_response(
+            response, decoder, gzip_policy, meter = self._start_response(
                 request, exchange, upstream_response
             )
             await response.prepare(request)
+            # The compressor's state (~80 KiB) is set up once the head is on its way.
+            if gzip_policy is not None:
+                encoder = GzipEncoder(self.gzip, gzip_policy)
             await self._pump(
                 request, exchange, upstream_response, response, decoder, encoder, meter, watchdog
             )
@@ -443,6 +445,14 @@ class Proxy:
             return response
         finally:
             watchdog.stop()
+            # Both heads are counted here, after the response, not between the upstream's
+            # answer and the first byte to the client.
+            if exchange.reached_upstream:
+                exchange.upstream_out = _sent_size(
+                    request.method, url, headers, data, upstream_response
+                )
+            if upstream_response is not None:
+                exchange.upstream_in += _received_head_size(upstream_response)
             if exchange.streaming_counted:
                 self.metrics.stream_ended(exchange.route)
                 exchange.streaming_counted = False
@@ -460,8 +470,9 @@ class Proxy:
         request: web.BaseRequest,
         exchange: Exchange,
         upstream_response: aiohttp.ClientResponse,
-    ) -> tuple[web.StreamResponse, UpstreamDecoder | None, GzipEncoder | None, ResponseMeter]:
-        """The client's response head, how its body is to be coded, and its meter."""
+    ) -> tuple[web.StreamResponse, UpstreamDecoder | None, FlushPolicy | None, ResponseMeter]:
+        """The client's response head, how its body is to be decoded and (a flush policy)
+        gzipped, and its meter."""
         status = upstream_response.status
         exchange.status = status
         if status >= 500:
@@ -493,7 +504,7 @@ class Proxy:
             exchange.streaming_counted = True
         length = None if decoder or meter.strips else upstream_response.content_length
 
-        encoder = None
+        gzip_policy = None
         compression = self.config.compression
         if (
             compression.gzip
@@ -502,7 +513,7 @@ class Proxy:
             and accepts_gzip(request.headers.get("Accept-Encoding"))
             and is_compressible(content_type, length, compression.min_length)
         ):
-            encoder = GzipEncoder(self.gzip, flush_policy(content_type, length))
+            gzip_policy = flush_policy(content_type, length)
             exchange.encoding = "gzip"
 
         response = web.StreamResponse(status=status, reason=upstream_response.reason)
@@ -511,13 +522,13 @@ class Proxy:
                 upstream_headers,
                 decoded=decoder is not None,
                 resized=meter.strips,
-                gzip=encoder is not None,
+                gzip=gzip_policy is not None,
                 event_stream=media_type(content_type) == "text/event-stream",
             )
         )
-        if length is not None and encoder is None:
+        if length is not None and gzip_policy is None:
             response.content_length = length
-        return response, decoder, encoder, meter
+        return response, decoder, gzip_policy, meter
 
     async def _pump(
         self,
