@@ -296,6 +296,58 @@ async def test_a_client_that_stops_reading_gets_backpressure_then_is_cut_off(
     assert record["bytes"]["upstream_in"] < 32 * 2**20
 
 
+def dechunk(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body's payload (the whole body, last chunk included)."""
+    payload = bytearray()
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if not size:
+            return bytes(payload)
+        payload += body[:size]
+        body = body[size + 2 :]
+
+
+async def test_a_slow_reader_gets_every_byte_while_the_upstream_is_paused_and_resumed(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog
+) -> None:
+    """A fast upstream, a client that reads slowly: tallygate's reading of the upstream is
+    paused (aiohttp's buffer is full while the client lags) and resumed as the client catches
+    up, over and over, and the whole stream arrives. A pause never resumed stalls it."""
+    events = [b"data: %d %s\n\n" % (i, b"x" * 16000) for i in range(400)]  # 6.4 MB
+
+    async def firehose(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        return response
+
+    upstream.handler = firehose
+    running = await make_proxy(compression={"gzip": False})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", running.proxy_port))
+    await loop.sock_sendall(sock, request())
+    received = bytearray()
+    try:
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 32768), 5)
+            assert data, "the connection closed before the stream ended"
+            received += data
+            await asyncio.sleep(0.0005)  # a slow reader
+    finally:
+        sock.close()
+    status, _, body = parse(bytes(received))
+    assert status == 200
+    assert dechunk(body) == b"".join(events)
+    await records.wait_for(1)
+    [record] = records
+    assert record["outcome"] == "ok"
+
+
 async def test_connections_past_the_limit_get_503_with_retry_after(
     upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog
 ) -> None:
