@@ -78,3 +78,32 @@ def test_what_is_relayed_is_metered_only_once_settled(tokenizers: Tokenizers) ->
     assert meter.output_estimate() == delivered  # relayed, not settled: not delivered
     meter.settle()
     assert (meter.output_estimate() or 0) > delivered
+
+
+JSON_ANSWER = (
+    b'{"id":"x","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"Hello there, friend."},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":9,"completion_tokens":5,"total_tokens":14}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [("application/json", JSON_ANSWER), ("text/event-stream", CASES[0].body)],
+    ids=["json", "stream"],
+)
+def test_closing_twice_meters_nothing_twice(
+    tokenizers: Tokenizers, content_type: str, body: bytes
+) -> None:
+    """The relay closes the meter at the body's end, and again when it then finds the client
+    gone: the second close adds nothing (a JSON answer is read at close)."""
+    meters = [
+        ResponseMeter("openai_chat", content_type, tokenizers, MeteringSettings(), None, {})
+        for _ in range(2)
+    ]
+    for meter in meters:
+        meter.feed(body)
+        meter.close()
+    assert meters[1].close() == b""
+    assert meters[1].facts() == meters[0].facts()
+    assert meters[0].facts().estimated_output

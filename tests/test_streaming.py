@@ -456,6 +456,7 @@ async def test_corrupt_gzip_from_the_upstream_is_an_upstream_failure(
     assert (records[-1]["outcome"], records[-1]["status"]) == ("upstream_error", 200)
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["paced", "whole"])
 @pytest.mark.parametrize("request_body", [b"{}", STREAM_REQUEST], ids=["plain", "usage-requested"])
 @pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
 async def test_bytes_go_out_before_they_are_metered(
@@ -465,10 +466,12 @@ async def test_bytes_go_out_before_they_are_metered(
     monkeypatch: pytest.MonkeyPatch,
     gzip: bool,
     request_body: bytes,
+    whole: bool,
 ) -> None:
     """A chunk is written to the client first and metered after: a meter that blocks the event
     loop for 0.5 s on the first event delays nothing the client sees. The client is a thread
-    with a plain socket, so that it reads while the loop is blocked."""
+    with a plain socket, so that it reads while the loop is blocked. `whole`: the body arrives
+    with its end in one read, and goes out with the response's end."""
     first = b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
     rest = b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
     metered_at: list[float] = []
@@ -483,6 +486,9 @@ async def test_bytes_go_out_before_they_are_metered(
     monkeypatch.setattr(OpenAIChat, "event", slow_event)
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        if whole:  # with a Content-Length: the read that completes it is the body's end
+            body = first + rest + b"data: [DONE]\n\n"
+            return web.Response(body=body, headers={"Content-Type": "text/event-stream"})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(first)
@@ -509,10 +515,13 @@ async def test_bytes_go_out_before_they_are_metered(
                 data = sock.recv(65536)
                 assert data, "the connection closed before the first event"
                 received += data
-                body = received.partition(b"\r\n\r\n")[2]
-                # One chunk so far: its size line, then its bytes.
-                chunk = body.partition(b"\r\n")[2]
-                plain = decoder.decompress(chunk) if gzip and chunk else chunk
+                head, _, body = received.partition(b"\r\n\r\n")
+                # One chunk so far: its size line, then its bytes (unless not chunked).
+                chunked = b"chunked" in head.lower()
+                chunk = body.partition(b"\r\n")[2] if chunked else body
+                # A whole body under compression.min_length is not compressed.
+                compressed = b"content-encoding: gzip" in head.lower()
+                plain = decoder.decompress(chunk) if compressed and chunk else chunk
                 decoder = zlib.decompressobj(31)
                 if first in plain:
                     return time.monotonic()
@@ -522,3 +531,67 @@ async def test_bytes_go_out_before_they_are_metered(
     assert metered_at, "the meter never saw the first event"
     assert arrived < metered_at[0] + 0.4, "the first event waited for the meter"
     assert records[0]["estimated"]["output"] > 0  # and it was metered all the same
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
+async def test_a_body_that_arrives_whole_goes_out_in_one_write(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: RecordLog,
+    monkeypatch: pytest.MonkeyPatch,
+    gzip: bool,
+) -> None:
+    """The read that ends the body is written with the response's end: one write after the
+    head (gzip's data and trailer included), where there were two or three, each a TCP segment.
+    A paced stream is still written read by read."""
+    writes: list[tuple[str, int]] = []
+    write, write_eof = web.StreamResponse.write, web.StreamResponse.write_eof
+
+    # tallygate's responses only (the fake upstream is aiohttp too): it marks event streams.
+    async def spy_write(self: web.StreamResponse, data: bytes) -> None:
+        if self.headers.get("X-Accel-Buffering") == "no":
+            writes.append(("write", len(data)))
+        await write(self, data)
+
+    async def spy_write_eof(self: web.StreamResponse, data: bytes = b"") -> None:
+        if self.headers.get("X-Accel-Buffering") == "no" and data:
+            writes.append(("write_eof", len(data)))
+        await write_eof(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", spy_write)
+    monkeypatch.setattr(web.StreamResponse, "write_eof", spy_write_eof)
+    text = b"x" * 100  # 9 events of ~150 bytes: past compression.min_length
+    events = [
+        b'data: {"choices":[{"index":0,"delta":{"content":"%d %s"}}]}\n\n' % (i, text)
+        for i in range(9)
+    ]
+    pace = False
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not pace:  # with a Content-Length: the read that completes it is the body's end
+            return web.Response(body=b"".join(events), content_type="text/event-stream")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+            await asyncio.sleep(0.01)
+        return response
+
+    upstream.handler = handler
+    running = await make_proxy(compression={"gzip": gzip})
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    accept = {"Accept-Encoding": "gzip" if gzip else "identity"}
+    for pace in (False, True):
+        writes.clear()
+        async with client.post(url, data=b"{}", headers=accept) as response:
+            assert response.headers.get("Content-Encoding") == ("gzip" if gzip else None)
+            body = await response.read()  # the test client does not decode
+            assert (zlib.decompress(body, 31) if gzip else body) == b"".join(events)
+        if not pace:
+            assert [kind for kind, _ in writes] == ["write_eof"]
+        else:
+            assert [kind for kind, _ in writes].count("write") == len(events)
+    await records.wait_for(2)
+    assert [r["estimated"]["output"] for r in records] == [records[0]["estimated"]["output"]] * 2
+    assert records[0]["estimated"]["output"] > 9

@@ -169,6 +169,7 @@ class ResponseMeter:
         self._unmetered: list[bytes] = []  # relayed, not yet metered (when not stripping)
         self._queued: list[SseEvent | NdjsonLine] = []  # the same, framed (when stripping)
         self.text_seen = False
+        self._closed = False
 
     @property
     def strips(self) -> bool:
@@ -256,10 +257,12 @@ class ResponseMeter:
             meter(event.data, event.event)
 
     def close(self) -> bytes:
-        """The end of the body: what the client still has to receive (when stripping)."""
+        """The end of the body: what the client still has to receive (when stripping). Once:
+        a second call (the relay's end, then a client found gone) meters nothing twice."""
         self.settle()
-        if not self._active:
+        if not self._active or self._closed:
             return b""
+        self._closed = True
         if self._framer is None:
             if self._body:
                 try:

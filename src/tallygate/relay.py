@@ -543,9 +543,17 @@ class Proxy:
     ) -> None:
         """Copy the body as it arrives, showing every chunk to the meter once it is sent. Read
         errors are the upstream's failure; write errors mean the client left."""
-        read = upstream_response.content.readany
+        content = upstream_response.content
+        read = content.readany
         write = response.write
         now = self._loop.time
+        # The read that ends the body goes out with the response's end, in one write, when
+        # nothing has to be framed before it can go (no usage chunk to strip, no coding to
+        # undo): a body that arrives whole (a fast upstream, a JSON answer) then takes one write
+        # after the head instead of two or three (with gzip: the data, the trailer, the last
+        # chunk), each a TCP segment.
+        whole = decoder is None and not meter.strips
+        last = b""
         try:
             while True:
                 try:
@@ -564,6 +572,9 @@ class Proxy:
                         await self._broken(request, exchange, response, encoder, meter, error)
                         return
                 chunk = meter.relay(chunk)
+                if whole and content.at_eof():
+                    last = chunk
+                    break
                 if chunk:
                     watchdog.writing = watchdog.last
                     await self._send(exchange, write, encoder, chunk)
@@ -574,19 +585,23 @@ class Proxy:
                 if exchange.first_token_at is None and meter.text_seen:
                     exchange.first_token_at = watchdog.last
             tail = decoder.close() if decoder is not None else b""
-            tail = meter.relay(tail) if tail else b""
-            tail += meter.close()
+            tail = last + meter.relay(tail) if tail else last
+            if meter.strips:  # the events it held back, framed (and metered) before they go
+                tail += meter.close()
             exchange.client_out_uncompressed += len(tail)
             if encoder is not None:
                 tail = encoder.feed(tail) + encoder.close()
             watchdog.writing = now()
-            if tail:
-                exchange.client_out_body += len(tail)
-                await write(tail)
-            await response.write_eof()
+            exchange.client_out_body += len(tail)
+            await response.write_eof(tail)
             watchdog.writing = None
+            sent = now()
             if exchange.first_byte_at is None:
-                exchange.first_byte_at = now()
+                exchange.first_byte_at = sent
+            if not meter.strips:
+                meter.close()  # it has nothing to send: metered once sent
+            if exchange.first_token_at is None and meter.text_seen:
+                exchange.first_token_at = sent
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             exchange.outcome = "client_disconnect"
             self._client_gone(exchange, meter, upstream_response, decoder)
@@ -638,10 +653,10 @@ class Proxy:
         exchange.delivered_output_tokens = meter.output_estimate()
         # Not `closed`: aiohttp sets that once the body has arrived, though it may still be
         # waiting, unread, in the buffer. Drain unless every byte was read.
-        if (
-            self.config.metering.on_client_disconnect != "drain"
-            or upstream_response.content.at_eof()
-        ):
+        if upstream_response.content.at_eof():
+            meter.close()  # all of it was read: its last event counts too, sent or not
+            return
+        if self.config.metering.on_client_disconnect != "drain":
             return
         exchange.detached = True
         task = asyncio.get_running_loop().create_task(
