@@ -543,17 +543,9 @@ class Proxy:
     ) -> None:
         """Copy the body as it arrives, showing every chunk to the meter once it is sent. Read
         errors are the upstream's failure; write errors mean the client left."""
-        content = upstream_response.content
-        read = content.readany
+        read = upstream_response.content.readany
         write = response.write
         now = self._loop.time
-        # The read that ends the body goes out with the response's end, in one write, when
-        # nothing has to be framed before it can go (no usage chunk to strip, no coding to
-        # undo): a body that arrives whole (a fast upstream, a JSON answer) then takes one write
-        # after the head instead of two or three (with gzip: the data, the trailer, the last
-        # chunk), each a TCP segment.
-        whole = decoder is None and not meter.strips
-        last = b""
         try:
             while True:
                 try:
@@ -572,9 +564,6 @@ class Proxy:
                         await self._broken(request, exchange, response, encoder, meter, error)
                         return
                 chunk = meter.relay(chunk)
-                if whole and content.at_eof():
-                    last = chunk
-                    break
                 if chunk:
                     watchdog.writing = watchdog.last
                     await self._send(exchange, write, encoder, chunk)
@@ -585,23 +574,21 @@ class Proxy:
                 if exchange.first_token_at is None and meter.text_seen:
                     exchange.first_token_at = watchdog.last
             tail = decoder.close() if decoder is not None else b""
-            tail = last + meter.relay(tail) if tail else last
-            if meter.strips:  # the events it held back, framed (and metered) before they go
-                tail += meter.close()
+            tail = meter.relay(tail) if tail else b""
+            tail += meter.close()
             exchange.client_out_uncompressed += len(tail)
             if encoder is not None:
                 tail = encoder.feed(tail) + encoder.close()
+            # What is left, gzip's trailer and the last chunk go in one write (one TCP segment),
+            # not two. The last read is not held back to join them: that would end the response
+            # before it is metered, and a client's next request would then wait behind the
+            # metering (+0.07 ms to its first byte, back to back at c=1, in an A/B).
             watchdog.writing = now()
             exchange.client_out_body += len(tail)
             await response.write_eof(tail)
             watchdog.writing = None
-            sent = now()
             if exchange.first_byte_at is None:
-                exchange.first_byte_at = sent
-            if not meter.strips:
-                meter.close()  # it has nothing to send: metered once sent
-            if exchange.first_token_at is None and meter.text_seen:
-                exchange.first_token_at = sent
+                exchange.first_byte_at = now()
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             exchange.outcome = "client_disconnect"
             self._client_gone(exchange, meter, upstream_response, decoder)
@@ -653,10 +640,10 @@ class Proxy:
         exchange.delivered_output_tokens = meter.output_estimate()
         # Not `closed`: aiohttp sets that once the body has arrived, though it may still be
         # waiting, unread, in the buffer. Drain unless every byte was read.
-        if upstream_response.content.at_eof():
-            meter.close()  # all of it was read: its last event counts too, sent or not
-            return
-        if self.config.metering.on_client_disconnect != "drain":
+        if (
+            self.config.metering.on_client_disconnect != "drain"
+            or upstream_response.content.at_eof()
+        ):
             return
         exchange.detached = True
         task = asyncio.get_running_loop().create_task(
