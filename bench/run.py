@@ -584,18 +584,19 @@ def main() -> None:
     finally:
         for up in (fast, slow20, *slow.values()):
             up.stop()
-    report = render(rows, paced_runs, one_rps, two_rps, ceiling, quick)
+    flags = "".join(f" {flag}" for flag, on in (("--quick", quick), ("--peers", args.peers)) if on)
+    report = render(rows, paced_runs, one_rps, two_rps, ceiling, flags)
     print(report)
     args.out.write_text(report)
     shutil.rmtree(scratch, ignore_errors=True)
 
 
 def render(rows: list[dict[str, object]], paced_runs: list[tuple[int, float]], one: float, two: float,
-           ceiling: float, quick: bool) -> str:  # fmt: skip
+           ceiling: float, flags: str) -> str:  # fmt: skip
     direct = next(r for r in rows if r["name"] == "direct")
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"{time.strftime('%Y-%m-%d')}; `python bench/run.py{' --quick' if quick else ''}`. "
+        f"{time.strftime('%Y-%m-%d')}; `python bench/run.py{flags}`. "
         f"Target on core 0, load and upstream on core 1. Stream: {EVENTS} events, {len(mock.BODY)} bytes.",
         "",
         "| target | req/s c=1 | req/s c=32 | req/s c=256 | TTFB p50 ms (+direct) | TTFB p99 ms | CPU us/event c=32 | CPU ms/stream c=32 |"

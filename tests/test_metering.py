@@ -95,8 +95,8 @@ JSON_ANSWER = (
 def test_closing_twice_meters_nothing_twice(
     tokenizers: Tokenizers, content_type: str, body: bytes
 ) -> None:
-    """The relay closes the meter at the body's end, and again when it then finds the client
-    gone: the second close adds nothing (a JSON answer is read at close)."""
+    """A second close adds nothing (a JSON answer is read at close): the relay's paths that
+    end an exchange need not know whether another one closed the meter first."""
     meters = [
         ResponseMeter("openai_chat", content_type, tokenizers, MeteringSettings(), None, {})
         for _ in range(2)

@@ -257,8 +257,8 @@ class ResponseMeter:
             meter(event.data, event.event)
 
     def close(self) -> bytes:
-        """The end of the body: what the client still has to receive (when stripping). Once:
-        a second call (the relay's end, then a client found gone) meters nothing twice."""
+        """The end of the body: what the client still has to receive (when stripping). A
+        second call meters nothing twice (a JSON answer is read here)."""
         self.settle()
         if not self._active or self._closed:
             return b""
