@@ -128,7 +128,7 @@ class _UpstreamProtocol(ResponseHandler):
         # aiohttp 3.14's StreamReader calls this after every HTTP chunk it hands out, paused or
         # not (earlier versions checked first), and each call runs the parser on empty input
         # and resumes a transport that is running: for an LLM stream, an HTTP chunk per event,
-        # that was 14% of a plain relay's instructions (bench/instructions.py: 1,891k -> 1,616k
+        # that was 16% of a plain relay's instructions (bench/instructions.py: 1,891k -> 1,589k
         # a request). Not paused, there is nothing to resume: the parser keeps unparsed bytes
         # only when pause_reading() (which sets _reading_paused) stopped it, and a transport
         # held for a buffer (_buffer_paused) is not released here anyway. Flow control is
