@@ -252,6 +252,18 @@ async def test_slow_body_is_cut_off_with_408_and_not_forwarded(
     assert records[0]["rejected_reason"] == "body_timeout"
 
 
+async def small_window_request(port: int, receive_buffer: int) -> socket.socket:
+    """A client socket with a small receive buffer (so that TCP pushes back soon), its request
+    sent; it reads only when the test does."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, request())
+    return sock
+
+
 async def test_a_client_that_stops_reading_gets_backpressure_then_is_cut_off(
     upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog
 ) -> None:
@@ -275,12 +287,7 @@ async def test_a_client_that_stops_reading_gets_backpressure_then_is_cut_off(
 
     upstream.handler = firehose
     running = await make_proxy(limits={"write_timeout": "1s"}, compression={"gzip": False})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", running.proxy_port))
-    await loop.sock_sendall(sock, request())
+    sock = await small_window_request(running.proxy_port, 4096)
     await asyncio.sleep(0.6)
     stalled_at = written
     await asyncio.sleep(0.2)
@@ -325,12 +332,8 @@ async def test_a_slow_reader_gets_every_byte_while_the_upstream_is_paused_and_re
 
     upstream.handler = firehose
     running = await make_proxy(compression={"gzip": False})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    sock.setblocking(False)
+    sock = await small_window_request(running.proxy_port, 16384)
     loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", running.proxy_port))
-    await loop.sock_sendall(sock, request())
     received = bytearray()
     try:
         while not received.endswith(b"\r\n0\r\n\r\n"):
