@@ -471,7 +471,7 @@ async def test_bytes_go_out_before_they_are_metered(
     """A chunk is written to the client first and metered after: a meter that blocks the event
     loop for 0.5 s on the first event delays nothing the client sees. The client is a thread
     with a plain socket, so that it reads while the loop is blocked. `whole`: the body arrives
-    with its end in one read, and goes out with the response's end."""
+    with its end, in one read (an answer with a Content-Length)."""
     first = b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
     rest = b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
     metered_at: list[float] = []
@@ -486,7 +486,7 @@ async def test_bytes_go_out_before_they_are_metered(
     monkeypatch.setattr(OpenAIChat, "event", slow_event)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        if whole:  # with a Content-Length: the read that completes it is the body's end
+        if whole:
             body = first + rest + b"data: [DONE]\n\n"
             return web.Response(body=body, headers={"Content-Type": "text/event-stream"})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -568,7 +568,7 @@ async def test_the_end_of_a_response_goes_out_in_one_write(
     pace = False
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        if not pace:  # with a Content-Length: the read that completes it is the body's end
+        if not pace:  # a whole answer, with a Content-Length
             return web.Response(body=b"".join(events), content_type="text/event-stream")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
