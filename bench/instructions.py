@@ -28,8 +28,7 @@ from cpu import parse_variants  # noqa: E402
 
 def command(kind: str, scratch: Path, port: int, upstream: int) -> list[str]:
     if kind.startswith("bare"):
-        return [sys.executable, str(HERE / "bare_relay.py"), "--port", str(port),
-                "--upstream", str(upstream), *(["--gzip"] if kind == "bare-gzip" else [])]  # fmt: skip
+        return run.bare_command(port, upstream, gzip=kind == "bare-gzip")
     path = run.tallygate_config(scratch, port, upstream, kind != "relay", kind == "gzip")
     return [sys.executable, "-m", "tallygate", "serve", "-c", str(path)]
 

@@ -155,12 +155,15 @@ def start_nginx(scratch: Path, upstream: int, gzip: bool) -> Target:
     return Target(name, port, [int(p) for p in workers] or [proc.pid], [proc], gzip)
 
 
+def bare_command(port: int, upstream: int, gzip: bool) -> list[str]:
+    return [sys.executable, str(HERE / "bare_relay.py"), "--port", str(port),
+            "--upstream", str(upstream), *(["--gzip"] if gzip else [])]  # fmt: skip
+
+
 def start_bare(scratch: Path, upstream: int, gzip: bool) -> Target:
     """bench/bare_relay.py, the floor: the least an aiohttp relay can do."""
     port = free_port()
-    args = [sys.executable, str(HERE / "bare_relay.py"), "--port", str(port),
-            "--upstream", str(upstream), *(["--gzip"] if gzip else [])]  # fmt: skip
-    proc = spawn(args, PROXY_CORE, scratch / "bare.log")
+    proc = spawn(bare_command(port, upstream, gzip), PROXY_CORE, scratch / "bare.log")
     wait_port(port)
     name = "bare aiohttp relay, gzip level 1" if gzip else "bare aiohttp relay"
     return Target(name, port, [proc.pid], [proc], gzip)
