@@ -1,6 +1,6 @@
 """How close tallygate's token estimates come to what providers report, on the recorded corpus.
 
-    python bench/accuracy.py [--corpus ../shared/corpus] [--markdown]
+    python bench/accuracy.py [--corpus tests/corpus] [--markdown]
 
 For every corpus case with reported usage, the request goes through the prompt estimator and the
 response body through the metering core exactly as the proxy feeds it (in network-sized pieces);
@@ -22,7 +22,10 @@ from tallygate.dialects import detect_dialect
 from tallygate.metering import MeteringSettings, ResponseMeter, estimate_input, read_request
 from tallygate.tokens import Tokenizers
 
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+HERE = Path(__file__).resolve().parent
+DEFAULT_CORPUS = HERE.parent / "tests" / "corpus"
+# Offline machines (and CI) have the encodings beside the checkout; elsewhere tiktoken downloads.
+SHARED_CACHE = HERE.parent.parent / "shared" / "tiktoken-cache"
 
 
 def error(estimate: int | None, reported: int) -> float | None:
@@ -47,7 +50,8 @@ def main() -> None:
     )
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     args = parser.parse_args()
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(args.corpus.parent / "tiktoken-cache"))
+    if SHARED_CACHE.is_dir():
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_CACHE))
     tokenizers = Tokenizers.load()
     settings = MeteringSettings(request_usage=False)
 

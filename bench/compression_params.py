@@ -1,7 +1,7 @@
 """Which zlib settings keep gzip's ratio on LLM streams, for how much memory per live stream and
 how much CPU. Prints a table; the defaults in config.Compression come from it.
 
-    python bench/compression_params.py [--corpus ../shared/corpus] [--level 6]
+    python bench/compression_params.py [--corpus tests/corpus] [--level 6]
 
 Every corpus stream is compressed twice: fed one event per read (a paced stream, the worst case
 for a flushing compressor: one flush marker per event), and in one read (a fast upstream, or a
@@ -50,7 +50,7 @@ def best_of(runs: int, work: Callable[[], int]) -> tuple[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpus")
+        "--corpus", default=str(Path(__file__).resolve().parent.parent / "tests" / "corpus")
     )
     parser.add_argument("--level", type=int, default=6)
     args = parser.parse_args()

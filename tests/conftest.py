@@ -8,7 +8,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,22 @@ from tallygate.dialects import Usage
 from tallygate.server import Running, start
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-CORPUS = SHARED / "corpus"
+# The recorded corpus lives in the repository (see corpus/PROVENANCE.md).
+CORPUS = ROOT / "tests" / "corpus"
 
-# tiktoken downloads encodings on first use; tests use the copy beside the checkout.
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
+
+def tiktoken_cache_dir(environ: Mapping[str, str], beside: Path) -> str | None:
+    """Where tiktoken should find its encodings: `TIKTOKEN_CACHE_DIR` when set, else the copy in
+    `../shared/tiktoken-cache` when there is one, else None (tiktoken downloads them)."""
+    if environ.get("TIKTOKEN_CACHE_DIR"):
+        return environ["TIKTOKEN_CACHE_DIR"]
+    shared = beside / "shared" / "tiktoken-cache"
+    return str(shared) if shared.is_dir() else None
+
+
+_cache = tiktoken_cache_dir(os.environ, ROOT.parent)
+if _cache is not None:
+    os.environ["TIKTOKEN_CACHE_DIR"] = _cache
 
 
 @dataclass(frozen=True)
