@@ -129,3 +129,102 @@ def test_unknown_models_cost_nothing_and_are_counted() -> None:
     )
     assert priced.model_key == "gpt-4o-mini"
     assert priced.usd["total"] == pytest.approx(0.15 + 0.60)
+
+
+@pytest.mark.parametrize(
+    ("reported", "key", "price"),
+    [
+        ("gpt-5.1", "gpt-5.1", (1.25, 0.125, 10.0)),
+        ("gpt-5.1-2025-11-13", "gpt-5.1", (1.25, 0.125, 10.0)),
+        ("gpt-5-codex", "gpt-5-codex", (1.25, 0.125, 10.0)),
+        ("gpt-5.1-codex", "gpt-5.1-codex", (1.25, 0.125, 10.0)),
+        ("gpt-5-chat-latest", "gpt-5-chat", (1.25, 0.125, 10.0)),
+        ("gpt-5-mini-2025-08-07", "gpt-5-mini", (0.25, 0.025, 2.0)),
+        ("gpt-5-pro-2025-10-06", "gpt-5-pro", (15.0, None, 120.0)),
+        ("o3-pro", "o3-pro", (20.0, None, 80.0)),
+        ("o3-pro-2025-06-10", "o3-pro", (20.0, None, 80.0)),
+        ("o3-2025-04-16", "o3", (2.0, 0.5, 8.0)),
+        ("o4-mini-2025-04-16", "o4-mini", (1.10, 0.275, 4.40)),
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13", (5.0, None, 15.0)),
+        ("claude-opus-4-5-20251101", "claude-opus-4-5", (5.0, 0.5, 25.0)),
+        ("claude-sonnet-4-0", "claude-sonnet-4", (3.0, 0.3, 15.0)),
+        ("claude-haiku-4-5-20251001", "claude-haiku-4-5", (1.0, 0.1, 5.0)),
+        ("gemini-2.5-pro", "gemini-2.5-pro", (1.25, 0.125, 10.0)),
+        ("gemini-2.5-flash", "gemini-2.5-flash", (0.30, 0.03, 2.50)),
+        ("gemini-2.5-flash-lite", "gemini-2.5-flash-lite", (0.10, 0.01, 0.40)),
+        ("deepseek-chat", "deepseek-chat", (0.28, 0.028, 0.42)),
+        ("deepseek-reasoner", "deepseek-reasoner", (0.28, 0.028, 0.42)),
+        ("mistral-medium-latest", "mistral-medium-latest", (0.40, None, 2.0)),
+        ("llama-3.3-70b-versatile", "llama-3.3-70b-versatile", (0.59, None, 0.79)),
+        (
+            "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+            "llama-3.3-70b-instruct-turbo",
+            (0.88, None, 0.88),
+        ),
+    ],
+)
+def test_current_models_are_priced(
+    reported: str, key: str, price: tuple[float, float | None, float]
+) -> None:
+    found = default_price_table().lookup(reported)
+    assert found is not None, reported
+    assert found[0] == key
+    assert (found[1].input, found[1].cached_input, found[1].output) == pytest.approx(price)
+
+
+@pytest.mark.parametrize(
+    "reported",
+    # Newer models whose price the table does not claim to know: unpriced (and reported), not
+    # priced as an older model whose name they start with.
+    ["claude-opus-4-6", "claude-sonnet-4-6", "claude-opus-4-7-20260101", "gpt-5.4-2026-03-05"],
+)
+def test_a_newer_model_is_not_priced_as_an_older_one(reported: str) -> None:
+    assert default_price_table().lookup(reported) is None
+
+
+def test_every_family_of_the_shipped_table_has_a_date_and_a_source() -> None:
+    from datetime import date
+    from importlib import resources
+
+    import yaml
+
+    text = resources.files("tallygate").joinpath("data/prices.yaml").read_text(encoding="utf-8")
+    document = yaml.safe_load(text)
+    sources = document["sources"]
+    expected = {"openai", "anthropic", "google", "deepseek", "mistral", "groq", "together"}
+    assert set(sources) == expected
+    for family, source in sources.items():
+        assert source["url"].startswith("https://"), family
+        date.fromisoformat(source["date"])
+        assert source["url"] in text.split("models:", 1)[1], family  # each family's comment
+    # The table's date is its oldest family's, so the age check never flatters it.
+    assert default_price_table().date == min(source["date"] for source in sources.values())
+
+
+def test_price_table_age_warning() -> None:
+    from datetime import date
+
+    from tallygate.pricing import price_table_age_warning
+
+    assert price_table_age_warning("2025-11-30", date(2025, 12, 1)) is None
+    assert price_table_age_warning("2025-11-30", date(2026, 2, 28)) is None  # 90 days
+    warning = price_table_age_warning("2025-11-30", date(2026, 3, 1))
+    assert warning is not None and "2025-11-30, 91 days ago" in warning
+    assert "pricing.models" in warning
+    assert "no valid date" in (price_table_age_warning("", date(2026, 3, 1)) or "")
+
+
+def test_an_unpriced_model_is_reported_once() -> None:
+    costing = Costing(default_price_table(), EgressPrice(0.0), [])
+
+    def first(model: str | None, tokens: int) -> bool:
+        return costing.cost(model, Usage(input=tokens), {}, "2026-11").first_unpriced
+
+    assert not first("mystery-model-7b", 0)  # no tokens: nothing to report yet
+    assert first("mystery-model-7b", 10)
+    assert not first("mystery-model-7b", 10)
+    assert first("other-model", 5)
+    assert not first("gpt-4o-mini", 5)  # priced
+    # A reload's new Costing keeps what this process has reported.
+    again = Costing(default_price_table(), EgressPrice(0.0), [], costing.unpriced)
+    assert not again.cost("mystery-model-7b", Usage(input=1), {}, "2026-11").first_unpriced

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, date, datetime
 from typing import Any
 
 import yaml
@@ -59,7 +60,16 @@ def _check(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     sys.stdout.write(yaml.safe_dump(effective_config(config), sort_keys=False))
+    _warn_price_table_age(datetime.now(UTC).date())
     return 0
+
+
+def _warn_price_table_age(today: date) -> None:
+    from .pricing import default_price_table, price_table_age_warning
+
+    warning = price_table_age_warning(default_price_table().date, today)
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _fetch(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import date
 from importlib import resources
 from typing import Any
 
@@ -26,6 +27,9 @@ COST_KINDS = (*TOKEN_KINDS, "egress")
 # 20240620, claude-sonnet-4-5-20250929, gpt-4o-mini-2024-07-18. The longest table name that the
 # reported name starts with (at a `-` boundary) wins, so gpt-4o-mini is not priced as gpt-4o.
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
+# Short snapshot dates (gpt-3.5-turbo-0125, mistral-small-2503) and Anthropic's `-0` aliases
+# (claude-sonnet-4-0); a bare `-6` is a newer model (claude-opus-4-6 is not claude-opus-4).
+_SNAPSHOT_SUFFIX = re.compile(r"-(\d{4}|0)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +104,11 @@ def _is_glob(key: str) -> bool:
 
 
 def _only_version_follows(name: str, key: str) -> bool:
-    """`gpt-4o-2024-08-06` is gpt-4o; `gpt-4o-audio-preview` is not priced as gpt-4o."""
+    """`gpt-4o-2024-08-06`, `gpt-3.5-turbo-0125` and `claude-sonnet-4-0` are their key's model;
+    `gpt-4o-audio-preview` and `claude-opus-4-6` (a newer model, not a snapshot of
+    claude-opus-4) are not priced as it."""
     rest = name[len(key) :]
-    return bool(_DATE_SUFFIX.fullmatch(rest)) or rest[1:].replace("-", "").isdigit()
+    return bool(_DATE_SUFFIX.fullmatch(rest) or _SNAPSHOT_SUFFIX.fullmatch(rest))
 
 
 def parse_token_price(raw: object, path: str) -> TokenPrice:
@@ -129,6 +135,24 @@ def parse_token_price(raw: object, path: str) -> TokenPrice:
         output=values["output"] or 0.0,
         cached_input=values["cached_input"],
         cache_write_input=values["cache_write_input"],
+    )
+
+
+def price_table_age_warning(table_date: str, today: date, max_age_days: int = 90) -> str | None:
+    """What `tallygate check` says of a price table dated `table_date` (YYYY-MM-DD) on `today`:
+    None while it is at most `max_age_days` old."""
+    try:
+        dated = date.fromisoformat(table_date)
+    except ValueError:
+        return f"the price table has no valid date ({table_date!r}): its prices may be out of date"
+    age = (today - dated).days
+    if age <= max_age_days:
+        return None
+    return (
+        f"the shipped price table is dated {table_date}, {age} days ago (more than "
+        f"{max_age_days}): providers may have changed prices and added models since; check "
+        "the prices that matter to you against their pages (the sources in "
+        "tallygate/data/prices.yaml) and set what differs in pricing.models"
     )
 
 
@@ -208,15 +232,43 @@ class Cost:
     model_key: str | None  # the pricing key the model matched, None when unpriced
     usd: dict[str, float]  # by COST_KINDS, plus "total"
     unpriced_tokens: int
+    first_unpriced: bool = False  # the first tokens this process saw of this unpriced model
+
+
+class UnpricedModels:
+    """The unpriced model names that have had tokens, so each is reported once per process.
+
+    Bounded, as names come from upstreams and clients: past `limit` names, no more reports
+    (the tokens are still counted in tallygate_unpriced_tokens_total).
+    """
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def first(self, model: str | None) -> bool:
+        name = model or ""
+        if name in self._seen or len(self._seen) >= self.limit:
+            return False
+        self._seen.add(name)
+        return True
 
 
 class Costing:
     """Prices one exchange's tokens and traffic."""
 
-    def __init__(self, table: PriceTable, egress: EgressPrice, directions: Iterable[str]) -> None:
+    def __init__(
+        self,
+        table: PriceTable,
+        egress: EgressPrice,
+        directions: Iterable[str],
+        unpriced: UnpricedModels | None = None,
+    ) -> None:
         self.table = table
         self.egress = EgressMeter(egress)
         self.directions = tuple(directions)
+        # A reload passes the running one on, so a model is reported once per process.
+        self.unpriced = UnpricedModels() if unpriced is None else unpriced
 
     def cost(self, model: str | None, usage: Usage, wire: Mapping[str, int], month: str) -> Cost:
         found = self.table.lookup(model)
@@ -228,4 +280,5 @@ class Costing:
             usd.update(found[1].cost(usage))
         usd["egress"] = self.egress.charge(month, sum(wire[d] for d in self.directions))
         usd["total"] = sum(usd[kind] for kind in COST_KINDS)
-        return Cost(found[0] if found else None, usd, unpriced)
+        first = unpriced > 0 and self.unpriced.first(model)
+        return Cost(found[0] if found else None, usd, unpriced, first)

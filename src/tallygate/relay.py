@@ -47,6 +47,10 @@ from .tokens import Tokenizers
 from .usage import Exchange, head_size, received_head_size
 
 log = logging.getLogger("tallygate.relay")
+UNPRICED_WARNING = (
+    "model %r has no price: its tokens cost 0 in records and metrics (priced_as null, counted in "
+    "tallygate_unpriced_tokens_total); set its price in pricing.models (once per model)"
+)
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
@@ -251,6 +255,8 @@ class Proxy:
                 "upstream_out": exchange.upstream_out, "upstream_in": exchange.upstream_in,
             }  # fmt: skip
             exchange.cost = self.costing.cost(model, usage, wire, month)
+            if exchange.cost.first_unpriced:
+                log.warning(UNPRICED_WARNING, model)
             record = exchange.record()
             self.access_log.write(record)
             self.metrics.observe(record, exchange.cost.model_key or model, exchange.error_reason)

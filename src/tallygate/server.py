@@ -30,7 +30,7 @@ from .accesslog import AccessLog
 from .config import Config, ConfigError, Listen, effective_config, load_config
 from .connection import Listener
 from .metrics import Metrics, config_hash
-from .pricing import Costing, EgressPrice, default_price_table
+from .pricing import Costing, EgressPrice, UnpricedModels, default_price_table
 from .relay import Proxy
 from .tokens import TokenizerError, Tokenizers
 from .usage import Exchange
@@ -244,12 +244,13 @@ def reconfigure_metrics(metrics: Metrics, config: Config) -> None:
     )  # fmt: skip
 
 
-def new_costing(config: Config) -> Costing:
+def new_costing(config: Config, unpriced: UnpricedModels | None = None) -> Costing:
     egress = config.pricing.egress
     return Costing(
         default_price_table().merged(config.pricing.models),
         EgressPrice(egress.usd_per_gb, egress.free_gb, egress.tiers, egress.gb_bytes),
         egress.directions,
+        unpriced,
     )
 
 
@@ -267,7 +268,7 @@ class Running:
         """Apply a configuration from `read_for_reload`: routes, upstreams, tenants, limits,
         compression, metering, pricing and the access log take effect for the next request."""
         proxy = self.proxy
-        proxy.configure(config, tokenizers, new_costing(config))
+        proxy.configure(config, tokenizers, new_costing(config, proxy.costing.unpriced))
         limits = config.limits
         self.listener.header_timeout = limits.header_timeout
         self.listener.max_connections = limits.max_connections
