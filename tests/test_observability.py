@@ -116,6 +116,7 @@ async def test_every_expression_returns_data(tmp_path: Path) -> None:
     chat = json.dumps(
         {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
     ).encode()
+    unpriced = chat.replace(b"gpt-4o-mini", b"local-model-without-a-price")
     try:
         async with aiohttp.ClientSession() as client:
             async with asyncio.timeout(60):
@@ -142,6 +143,9 @@ async def test_every_expression_returns_data(tmp_path: Path) -> None:
                 await reader.readuntil(b"\n\n")
                 writer.close()
                 await asyncio.sleep(1.5)
+            # A model the price table does not know, so unpriced tokens have data.
+            async with client.post(base + "/api/chat", data=unpriced) as r:
+                await r.read()
             await asyncio.sleep(7)  # the drained streams end, their records land, two scrapes
             empty = []
             for expr in dashboard_exprs() + rule_exprs():
