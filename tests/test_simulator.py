@@ -92,7 +92,10 @@ async def test_errors_and_midstream_failures(
     ) as r:
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
-    assert [(r["status"], r["outcome"]) for r in records] == [(529, "ok"), (200, "upstream_error")]
+    assert [(r["status"], r["outcome"]) for r in records] == [
+        (529, "upstream_status"),
+        (200, "upstream_error"),
+    ]
 
 
 async def test_the_openai_sdk_streams_from_the_simulator(
@@ -149,3 +152,16 @@ async def test_the_demo_command_runs_with_no_key(tmp_path: Any) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+async def test_error_status_chooses_the_status_of_every_dialect_s_errors(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    upstream.handler = Simulator(
+        SimulatorSettings(ttft=0, tokens_per_second=0, error_rate=1.0, error_status=429)
+    ).dispatch
+    running = await make_proxy()
+    for path, request in REQUESTS.items():
+        url = f"http://127.0.0.1:{running.proxy_port}{path}"
+        async with client.post(url, data=json.dumps(request).encode()) as r:
+            assert r.status == 429, path

@@ -105,6 +105,7 @@ def _simulator_settings(args: argparse.Namespace) -> Any:
         output_tokens=args.output_tokens,
         error_rate=args.error_rate,
         midstream_failure_rate=args.midstream_failure_rate,
+        error_status=args.error_status,
         seed=args.seed,
     )
 
@@ -125,6 +126,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_error_status(text: str) -> int:
+    if not text.isdigit() or not 400 <= int(text) <= 599:
+        raise argparse.ArgumentTypeError(f"expected an HTTP error status (400-599), got {text!r}")
+    return int(text)
+
+
 def _add_simulator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttft", default="200ms", help="time to the first token (default 200ms)")
     parser.add_argument("--tokens-per-second", type=float, default=50.0, help="0: no pacing")
@@ -135,6 +142,11 @@ def _add_simulator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--midstream-failure-rate", type=float, default=0.0, help="share of streams cut halfway"
     )
+    parser.add_argument(
+        "--error-status", type=_http_error_status, default=None,
+        help="the status of those errors, e.g. 429 (default: each API's own: 500, Anthropic's"
+        " 529, Ollama's 503)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=None)
 
 

@@ -234,6 +234,7 @@ class Proxy:
     def finish(self, exchange: Exchange) -> None:
         """The one place a usage record is written: exactly once per request."""
         exchange.ended = self._loop.time()
+        exchange.outcome = exchange.final_outcome()
         if exchange.request is not None and exchange.request.parsed is not None:
             estimate_input(
                 exchange.request, cast(Dialect, exchange.dialect), self.tokenizers,
@@ -480,9 +481,11 @@ class Proxy:
         """The client's response head, how its body is to be decoded and (a flush policy)
         gzipped, and its meter."""
         status = upstream_response.status
-        exchange.status = status
+        exchange.status = exchange.upstream_status = status
         if status >= 500:
             exchange.error_reason = "status_5xx"
+        elif status == 429:  # the provider's rate limit: a capacity problem, not the client's
+            exchange.error_reason = "status_429"
         upstream_headers = upstream_response.headers
         content_type = upstream_headers.get("Content-Type")
         coding = upstream_headers.get("Content-Encoding", "").strip().lower()

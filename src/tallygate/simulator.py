@@ -34,6 +34,7 @@ class SimulatorSettings:
     output_tokens: int = 64
     error_rate: float = 0.0  # share of requests answered with an error before any output
     midstream_failure_rate: float = 0.0  # share of streams cut halfway
+    error_status: int | None = None  # of those errors; None: each API's own (500, 529, 503)
     seed: int | None = None
 
 
@@ -128,7 +129,7 @@ class Simulator:
                         "code": None,
                     }
                 },
-                status=500,
+                status=self.settings.error_status or 500,
             )
         # A dated version of the requested model, as the APIs report it (and prices resolve it).
         model = f"{body.get('model') or 'gpt-4o-mini'}-2025-01-01"
@@ -201,7 +202,7 @@ class Simulator:
                         "code": "server_error",
                     }
                 },
-                status=500,
+                status=self.settings.error_status or 500,
             )
         words = self._words()
         prompt = self._prompt_tokens(body)
@@ -277,7 +278,7 @@ class Simulator:
         if self._fails(self.settings.error_rate):
             return web.json_response(
                 {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
-                status=529,
+                status=self.settings.error_status or 529,
             )
         words = self._words()
         model = f"{body.get('model') or 'claude-sonnet-4-5'}-20250101"
@@ -363,7 +364,10 @@ class Simulator:
     async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._request(request)
         if self._fails(self.settings.error_rate):
-            return web.json_response({"error": "model is overloaded, please try again"}, status=503)
+            return web.json_response(
+                {"error": "model is overloaded, please try again"},
+                status=self.settings.error_status or 503,
+            )
         words = self._words()
         model = body.get("model") or "llama3"
         prompt = self._prompt_tokens(body)

@@ -15,10 +15,19 @@ from .dialects import Usage
 from .metering import RequestFacts, ResponseFacts
 from .pricing import COST_KINDS, Cost
 
+# How a request ended: the record's `outcome` and the metrics' `outcome` label (docs/metrics.md).
 Outcome = Literal[
-    "ok", "client_disconnect", "client_timeout", "upstream_error", "timeout", "rejected", "shutdown"
-]
+    "ok", "upstream_status", "client_disconnect", "client_timeout", "upstream_error", "timeout",
+    "rejected", "shutdown",
+]  # fmt: skip
 TokensSource = Literal["reported", "estimated", "mixed", "none"]
+
+
+def billable(status: int) -> bool:
+    """Whether an upstream's answer is billed from tallygate's estimates: a success (2xx).
+    Any other answer (an error, a redirect) is billed only for the usage the provider reported
+    in it (docs/metering.md)."""
+    return 200 <= status < 300
 
 
 def head_size(start_line: str, headers: Iterable[tuple[str, str]]) -> int:
@@ -77,6 +86,15 @@ class Exchange:
     rejected_reason: str | None = None  # why tallygate refused the request (its error code)
     streaming_counted: bool = False  # in tallygate_streams_active
     cost: Cost | None = None
+    upstream_status: int = 0  # the upstream's own status, once its head arrived; 0: none came
+
+    def final_outcome(self) -> Outcome:
+        """`ok` is a request served: an upstream's error status (4xx, 5xx) relayed whole ends
+        as `upstream_status`. An outcome already set (the client left, a timeout, a broken
+        body) says how the request ended, and stays."""
+        if self.outcome == "ok" and self.upstream_status >= 400:
+            return "upstream_status"
+        return self.outcome
 
     def tokens(self) -> tuple[Usage, TokensSource]:
         """Reported usage when the stream reported it whole; estimates where it did not."""
@@ -84,6 +102,10 @@ class Exchange:
         if not self.reached_upstream:
             return Usage(), "none"  # refused, or the upstream never had it: nothing to bill
         reported = response.usage if response else None
+        if self.upstream_status and not billable(self.upstream_status):
+            # A failed or refused request: what the provider says it counted, or nothing. The
+            # estimates stay in the record's `estimated`, out of tokens, metrics and cost.
+            return (reported, "reported") if reported is not None else (Usage(), "none")
         estimated_in = request.estimated_input if request else None
         estimated_out = response.estimated_output if response else None
         if reported is not None:
