@@ -175,3 +175,15 @@ def test_upstream_decoder(coding: str) -> None:
 def test_upstream_decoder_refuses_unknown_codings() -> None:
     with pytest.raises(ValueError, match="br"):
         UpstreamDecoder("br")
+
+
+def test_upstream_decoder_output_is_bounded_per_call() -> None:
+    """A gzip bomb comes out a piece at a time, whole and in order, across `feed` and `more`."""
+    plain = bytes(range(256)) * 4096 + b"\0" * 2**22
+    decoder = UpstreamDecoder("gzip", limit=10_000)
+    pieces = [decoder.feed(gzip.compress(plain))]
+    while decoder.pending:
+        pieces.append(decoder.more())
+    pieces.append(decoder.close())
+    assert max(map(len, pieces)) <= 10_000
+    assert b"".join(pieces) == plain

@@ -5,9 +5,11 @@ the record and the metrics say what happened, and no end is ever invented."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import random
 import tracemalloc
+import zlib
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -272,3 +274,46 @@ async def test_a_full_disk_under_the_access_log_is_counted_and_the_relay_goes_on
             async with client.get(f"http://127.0.0.1:{running.admin_port}/metrics") as m:
                 text = await m.text()
     assert "tallygate_access_log_failures_total 3.0" in text
+
+
+async def test_a_gzip_bomb_is_inflated_a_piece_at_a_time(
+    make_proxy: ProxyFactory, records: RecordLog
+) -> None:
+    """128 KiB of gzip that inflates to 128 MiB, sent in one write: the client gets every
+    inflated byte, and tallygate never holds more than a few pieces of it at once."""
+    inflated = 128 * 2**20
+    bomb = zlib.compress(b"\0" * inflated, 9, wbits=16 + zlib.MAX_WBITS)
+    assert len(bomb) < 2**18
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            HEAD + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb) + bomb
+        )
+        await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        running = await make_proxy(
+            f"http://127.0.0.1:{port}",
+            compression={"gzip": False},
+            metering={"max_event_bytes": "1MiB"},
+        )
+        url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+        digest, received = hashlib.sha256(), 0
+        tracemalloc.start()
+        try:
+            async with aiohttp.ClientSession() as client, client.post(url, data=REQUEST) as r:
+                async with asyncio.timeout(60):
+                    while piece := await r.content.readany():
+                        digest.update(piece)
+                        received += len(piece)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert received == inflated
+    assert digest.digest() == hashlib.sha256(b"\0" * inflated).digest()
+    assert peak < 16 * 2**20  # inflated in one call, the body alone is 128 MiB
+    await records.wait_for(1)
+    assert records[0]["bytes"]["upstream_in"] > len(bomb)  # the body and its head

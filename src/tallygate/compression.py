@@ -192,13 +192,19 @@ def _sse_flush_point(data: bytes, tail: int) -> int:
 
 class UpstreamDecoder:
     """Undoes an upstream's Content-Encoding (gzip, x-gzip, deflate), so metering and the client's
-    own compression see the plain body. Only single-coding responses are decoded."""
+    own compression see the plain body. Only single-coding responses are decoded.
+
+    Output is bounded: `feed` and `more` return at most `limit` bytes, and `pending` says whether
+    input is still waiting to be inflated. A small compressed read that inflates to gigabytes (a
+    gzip bomb) therefore costs one piece of memory at a time, and the relay writes each piece
+    (waiting while the client's socket is full) before asking for the next."""
 
     DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
+    LIMIT = 64 * 1024
 
-    __slots__ = ("_decompressor", "_first")
+    __slots__ = ("_decompressor", "_first", "_limit")
 
-    def __init__(self, coding: str) -> None:
+    def __init__(self, coding: str, limit: int = LIMIT) -> None:
         coding = coding.strip().lower()
         if coding not in self.DECODABLE:
             raise ValueError(f"cannot decode content coding {coding!r}")
@@ -206,13 +212,25 @@ class UpstreamDecoder:
         # servers send for "deflate") is detected on the first bytes.
         self._decompressor = zlib.decompressobj(32 + zlib.MAX_WBITS)
         self._first = coding == "deflate"
+        self._limit = limit
 
     def feed(self, data: bytes) -> bytes:
+        """Inflate `data`, up to `limit` bytes of it; call `more` while `pending`."""
         if self._first and data:
             self._first = False
             if data[0] & 0x0F != 8:  # not a zlib header: raw deflate
                 self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
-        return self._decompressor.decompress(data)
+        return self._decompressor.decompress(data, self._limit)
+
+    @property
+    def pending(self) -> bool:
+        """Input fed but not yet inflated (the output limit stopped it)."""
+        return bool(self._decompressor.unconsumed_tail)
+
+    def more(self) -> bytes:
+        """The next piece of what was fed, up to `limit` bytes."""
+        return self._decompressor.decompress(self._decompressor.unconsumed_tail, self._limit)
 
     def close(self) -> bytes:
+        """What the inflater still holds once the body has ended (nothing is `pending` then)."""
         return self._decompressor.flush()

@@ -572,16 +572,27 @@ class Proxy:
                     except zlib.error as error:  # the body is not what its coding says
                         await self._broken(request, exchange, response, encoder, meter, error)
                         return
-                chunk = meter.relay(chunk)
-                if chunk:
-                    watchdog.writing = watchdog.last
-                    await self._send(exchange, write, encoder, chunk)
-                    watchdog.writing = None
-                    watchdog.last = now()
-                # Metered once sent: the meter never stands between the upstream and the client.
-                meter.settle()
-                if exchange.first_token_at is None and meter.text_seen:
-                    exchange.first_token_at = watchdog.last
+                while True:
+                    chunk = meter.relay(chunk)
+                    if chunk:
+                        watchdog.writing = watchdog.last
+                        await self._send(exchange, write, encoder, chunk)
+                        watchdog.writing = None
+                        watchdog.last = now()
+                    # Metered once sent: the meter never stands between upstream and client.
+                    meter.settle()
+                    if exchange.first_token_at is None and meter.text_seen:
+                        exchange.first_token_at = watchdog.last
+                    if decoder is None or not decoder.pending:
+                        break
+                    # A read that inflates to more than one piece goes out a piece at a time,
+                    # and other streams run between the pieces.
+                    await asyncio.sleep(0)
+                    try:
+                        chunk = decoder.more()
+                    except zlib.error as error:
+                        await self._broken(request, exchange, response, encoder, meter, error)
+                        return
             tail = decoder.close() if decoder is not None else b""
             tail = meter.relay(tail) if tail else b""
             tail += meter.close()
@@ -676,7 +687,13 @@ class Proxy:
             async with asyncio.timeout(min(self.config.metering.drain_timeout, total)):
                 while chunk := await upstream_response.content.readany():
                     exchange.upstream_in += len(chunk)
-                    meter.feed(decoder.feed(chunk) if decoder is not None else chunk)
+                    if decoder is None:
+                        meter.feed(chunk)
+                        continue
+                    meter.feed(decoder.feed(chunk))
+                    while decoder.pending:
+                        await asyncio.sleep(0)
+                        meter.feed(decoder.more())
                 if decoder is not None:
                     meter.feed(decoder.close())
                 meter.close()
