@@ -5,6 +5,7 @@ the record and the metrics say what happened, and no end is ever invented."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -317,3 +318,76 @@ async def test_a_gzip_bomb_is_inflated_a_piece_at_a_time(
     assert peak < 16 * 2**20  # inflated in one call, the body alone is 128 MiB
     await records.wait_for(1)
     assert records[0]["bytes"]["upstream_in"] > len(bomb)  # the body and its head
+
+
+PRIVATE = b'{"tenant":"A","answer":"private text meant for client A only"}'
+PUBLIC = b'{"answer":"yours"}'
+
+
+def answer(body: bytes, length: int | None = None) -> bytes:
+    size = len(body) if length is None else length
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        size,
+        body,
+    )
+
+
+async def ask_twice(make_proxy: ProxyFactory, first: Serve) -> list[bytes]:
+    """Two requests in turn through one tallygate; the upstream's first connection runs
+    `first`, every later connection answers PUBLIC to each request."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:
+            await first(reader, writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                writer.write(answer(PUBLIC))
+                await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        running = await make_proxy(f"http://127.0.0.1:{port}", compression={"gzip": False})
+        url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+        bodies = []
+        async with aiohttp.ClientSession() as client:
+            for _ in range(2):
+                async with client.post(url, data=REQUEST) as response:
+                    bodies.append(await response.read())
+                await asyncio.sleep(0.2)  # the pushed answer of the second case arrives
+        return bodies
+
+
+async def test_an_answer_beyond_the_content_length_never_reaches_another_client(
+    make_proxy: ProxyFactory,
+) -> None:
+    async def first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The body goes on past its Content-Length with a second answer, whose head is still
+        # incomplete when the first answer's body ends.
+        await read_request(reader)
+        beyond = answer(PUBLIC) + answer(PRIVATE)
+        writer.write(beyond[: len(answer(PUBLIC)) + 20])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(beyond[len(answer(PUBLIC)) + 20 :])
+        await writer.drain()
+
+    assert await ask_twice(make_proxy, first) == [PUBLIC, PUBLIC]
+
+
+async def test_an_answer_pushed_on_an_idle_connection_never_reaches_another_client(
+    make_proxy: ProxyFactory,
+) -> None:
+    async def first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(PUBLIC))
+        await writer.drain()
+        await asyncio.sleep(0.1)  # tallygate has put the connection back in its pool
+        writer.write(answer(PRIVATE))
+        await writer.drain()
+
+    assert await ask_twice(make_proxy, first) == [PUBLIC, PUBLIC]

@@ -23,6 +23,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import _EXC_SENTINEL
+from aiohttp.http_parser import RawResponseMessage
+from aiohttp.streams import StreamReader
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -116,12 +118,14 @@ def admin_app(
 
 
 class _UpstreamProtocol(ResponseHandler):
-    """aiohttp's client protocol, with two changes:
+    """aiohttp's client protocol, with three changes:
 
     - a body that stops parsing mid-way (a broken chunk size) fails the reader at once. aiohttp
       3.14 fails only the connection: the reader waits forever, and the stream would end 60 s
       later as an idle timeout instead of a broken body;
-    - resuming a connection that is not paused does nothing (see `resume_reading`).
+    - resuming a connection that is not paused does nothing (see `resume_reading`);
+    - an answer that arrives when no request awaits one closes the connection (`_unsolicited`):
+      aiohttp would queue it for whichever client's request next uses the connection.
     """
 
     def resume_reading(self, resume_parser: bool = True) -> None:
@@ -135,6 +139,31 @@ class _UpstreamProtocol(ResponseHandler):
         # tested with a slow reader in tests/test_hostile_clients.py.
         if self._reading_paused:
             super().resume_reading(resume_parser)
+
+    _awaited = 0  # requests sent on this connection whose answer has not arrived
+
+    def set_response_params(self, **params: Any) -> None:
+        # Called once for every request sent on this connection: one answer is awaited.
+        self._awaited += 1
+        super().set_response_params(**params)
+
+    def feed_data(self, data: tuple[RawResponseMessage, StreamReader], size: int = 0) -> None:
+        message = data[0]
+        if message.code >= 200 or message.code == 101:  # a final answer, not a 1xx
+            if not self._awaited:
+                self._unsolicited(message.code)
+                return
+            self._awaited -= 1
+        super().feed_data(data, size)
+
+    def _unsolicited(self, code: int) -> None:
+        """An answer to no request: pushed on an idle pooled connection, or beyond what the last
+        answer's framing allowed. Queued, it would become the answer to the next client's
+        request on this connection, so the connection is closed, never reused."""
+        log.warning("upstream sent a %d answer to no request; its connection is closed", code)
+        self._should_close = True
+        if self.transport is not None:
+            self.transport.close()
 
     def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
         payload = self._payload
