@@ -84,11 +84,25 @@ def read_request(
         facts.parsed = request
     if settings.request_usage and facts.stream and dialect in _USAGE_OPTION_DIALECTS:
         options = request.get("stream_options")
-        if options is None or (isinstance(options, dict) and "include_usage" not in options):
+        if "stream_options" not in request:
+            facts.body = _with_usage_option(body)
+            facts.usage_requested = True
+        elif options is None or (isinstance(options, dict) and "include_usage" not in options):
             request["stream_options"] = {**(options or {}), "include_usage": True}
             facts.body = orjson.dumps(request)
             facts.usage_requested = True
     return facts
+
+
+_USAGE_OPTION = b'"stream_options":{"include_usage":true},'
+
+
+def _with_usage_option(body: bytes) -> bytes:
+    """The body as the client sent it, with the usage option as the object's first member:
+    re-serializing would change the client's bytes (spacing, escapes, number spelling). The
+    object has members (`stream` at least), so a comma follows."""
+    start = body.index(b"{") + 1
+    return body[:start] + _USAGE_OPTION + body[start:]
 
 
 def estimate_input(

@@ -22,6 +22,7 @@ import orjson
 import tiktoken
 
 from .dialects import Dialect
+from .tokens import count
 
 _PER_MESSAGE = 3
 _PER_NAME = 1
@@ -72,7 +73,7 @@ class PromptEstimator:
     def _count(self, text: object) -> int:
         if not isinstance(text, str) or not text:
             return 0
-        return len(self._encoding.encode_ordinary(text))
+        return count(self._encoding, text)
 
     def _texts(self, texts: Iterable[object]) -> int:
         return sum(self._count(t) for t in texts)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import aiohttp
@@ -55,6 +57,9 @@ UNPRICED_WARNING = (
 _NO_BODY_STATUSES = frozenset({204, 304})
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 _READ_CHUNK = 2**16
+# A request body above this is counted off the event loop: tiktoken encodes about a megabyte in
+# 50-300 ms (a run of one letter is its worst case), which would pause every other stream.
+ESTIMATE_INLINE_BYTES = 64 * 1024
 
 
 class Watchdog:
@@ -150,6 +155,8 @@ class Proxy:
         self.active = 0
         self.records = 0
         self._drains: set[asyncio.Task[None]] = set()
+        self._estimates: set[asyncio.Future[None]] = set()
+        self._estimator: ThreadPoolExecutor | None = None
         # Request ids: this process (a worker is a fork: not the pid at import) and a counter.
         self._id_prefix = f"{os.getpid():x}"
         self._request_ids = itertools.count(1)
@@ -232,14 +239,30 @@ class Proxy:
         )
 
     def finish(self, exchange: Exchange) -> None:
-        """The one place a usage record is written: exactly once per request."""
+        """The one place a request ends: its usage record is written exactly once, now, or once
+        a long prompt is counted."""
         exchange.ended = self._loop.time()
         exchange.outcome = exchange.final_outcome()
-        if exchange.request is not None and exchange.request.parsed is not None:
-            estimate_input(
-                exchange.request, cast(Dialect, exchange.dialect), self.tokenizers,
+        facts = exchange.request
+        if facts is not None and facts.parsed is not None:
+            estimate = functools.partial(
+                estimate_input, facts, cast(Dialect, exchange.dialect), self.tokenizers,
                 self.metering, exchange.metering_errors, exchange.request_id,
             )  # fmt: skip
+            if self.tokenizers is not None and len(facts.body) > ESTIMATE_INLINE_BYTES:
+                # tiktoken lets go of the GIL while it encodes: in a thread, a prompt of
+                # megabytes costs the other streams nothing.
+                if self._estimator is None:
+                    self._estimator = ThreadPoolExecutor(1, thread_name_prefix="tallygate-prompt")
+                counted = self._loop.run_in_executor(self._estimator, estimate)
+                self._estimates.add(counted)
+                counted.add_done_callback(self._estimates.discard)
+                counted.add_done_callback(lambda _: self._record(exchange))
+                return
+            estimate()
+        self._record(exchange)
+
+    def _record(self, exchange: Exchange) -> None:
         self.records += 1
         if exchange.outcome != "ok":
             log.info(
@@ -705,9 +728,15 @@ class Proxy:
             self.finish(exchange)
 
     async def drain_tasks(self) -> None:
-        """Wait for background drains (at shutdown)."""
+        """Wait for background drains and prompt counts, so every record is written (at
+        shutdown)."""
         if self._drains:
             await asyncio.gather(*self._drains, return_exceptions=True)
+        if self._estimates:
+            await asyncio.gather(*self._estimates, return_exceptions=True)
+        if self._estimator is not None:
+            self._estimator.shutdown(wait=False)
+            self._estimator = None
 
     # -- answers of our own ----------------------------------------------------------------------
 

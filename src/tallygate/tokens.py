@@ -215,4 +215,21 @@ def _split_pattern(encoding: tiktoken.Encoding) -> regex.Pattern[str]:
 
 
 def count(encoding: tiktoken.Encoding, text: str) -> int:
-    return len(encoding.encode_ordinary(text)) if text else 0
+    """`len(encoding.encode_ordinary(text))`, without the list. tiktoken encodes with the GIL
+    released, but builds the list of a long text's tokens with it held (about 20 ms a million
+    tokens), so a prompt of megabytes counted in a thread would still pause the event loop; its
+    token buffer (what `encode_to_numpy` uses) is one copy. Without that private call (another
+    tiktoken), or for text tiktoken re-encodes (lone surrogates), the list it is."""
+    if not text:
+        return 0
+    to_buffer = getattr(getattr(encoding, "_core_bpe", None), "encode_to_tiktoken_buffer", None)
+    if to_buffer is not None:
+        try:
+            # No special token allowed: each is encoded as plain text, as encode_ordinary does.
+            return memoryview(to_buffer(text, _NO_SPECIALS)).nbytes // 4
+        except UnicodeEncodeError:
+            pass
+    return len(encoding.encode_ordinary(text))
+
+
+_NO_SPECIALS: frozenset[str] = frozenset()
