@@ -18,6 +18,7 @@ from tallygate.compression import (
     UpstreamDecoder,
     accepts_gzip,
     flush_policy,
+    inflate_request,
     is_compressible,
 )
 
@@ -187,3 +188,15 @@ def test_upstream_decoder_output_is_bounded_per_call() -> None:
     pieces.append(decoder.close())
     assert max(map(len, pieces)) <= 10_000
     assert b"".join(pieces) == plain
+
+
+def test_inflate_request_is_bounded_and_knows_its_codings() -> None:
+    plain = b'{"model":"gpt-4o"}' * 100
+    assert inflate_request(gzip.compress(plain), "gzip", len(plain)) == plain
+    assert inflate_request(zlib.compress(plain), "deflate", len(plain)) == plain
+    raw = zlib.compressobj(wbits=-15)
+    assert inflate_request(raw.compress(plain) + raw.flush(), "deflate", len(plain)) == plain
+    assert inflate_request(gzip.compress(plain), "gzip", len(plain) - 1) is None  # past the limit
+    assert inflate_request(gzip.compress(plain)[:-9], "gzip", len(plain)) is None  # cut short
+    assert inflate_request(b"not gzip", "gzip", 100) is None
+    assert inflate_request(plain, "br", len(plain)) is None

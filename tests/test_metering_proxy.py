@@ -472,3 +472,50 @@ async def test_a_long_prompt_is_counted_while_other_requests_go_on(
     await records.wait_for(2)
     assert records[1]["request_id"] == "long"
     assert records[1]["tokens"]["input"] > 400_000  # counted, and the count recorded
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_content_coded_request_goes_upstream_as_sent_and_is_metered(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: RecordLog,
+    coding: str,
+) -> None:
+    async def answer(_: web.Request) -> web.StreamResponse:
+        return web.json_response({"model": "gpt-4o", "choices": []})
+
+    upstream.handler = answer
+    running = await make_proxy()
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    prompt = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    plain = json.dumps(prompt).encode()
+    body = zlib.compress(plain, wbits=31 if coding == "gzip" else 15)
+    async with client.post(url, data=body, headers={"Content-Encoding": coding}) as response:
+        assert response.status == 200
+    sent, received = upstream.requests[-1][0], upstream.requests[-1][1]
+    assert sent.headers["Content-Encoding"] == coding
+    # aiohttp's test upstream inflates what it reads: compare what it decoded with the client's.
+    assert received == plain
+    await records.wait_for(1)
+    record = records[0]
+    assert record["model"] == "gpt-4o" and record["tokens"]["input"] > 0
+    assert record["usage_requested"] is False  # a coded body is never rewritten
+    assert record["bytes"]["client_in"] >= len(body)
+
+
+async def test_a_request_that_inflates_past_the_limit_is_relayed_unread(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
+    records: RecordLog,
+) -> None:  # fmt: skip
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"model": "gpt-4o", "choices": []})
+
+    upstream.handler = answer
+    running = await make_proxy(limits={"max_request_bytes": "1MiB"})
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    bomb = zlib.compress(b" " * 64 * 2**20, 9, wbits=31)  # 64 KiB that inflate to 64 MiB
+    async with client.post(url, data=bomb, headers={"Content-Encoding": "gzip"}) as response:
+        assert response.status == 200  # the upstream's to judge: tallygate relayed it as sent
+    await records.wait_for(1)
+    assert records[0]["metering_errors"] == {"request": 1}

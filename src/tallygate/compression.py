@@ -234,3 +234,20 @@ class UpstreamDecoder:
     def close(self) -> bytes:
         """What the inflater still holds once the body has ended (nothing is `pending` then)."""
         return self._decompressor.flush()
+
+
+def inflate_request(body: bytes, coding: str, limit: int) -> bytes | None:
+    """A copy of a request body sent with `Content-Encoding: coding`, decoded for metering only
+    (the body itself goes upstream as sent): None when it is not gzip or deflate, is corrupt, or
+    inflates past `limit` (inflating stops there: a small bomb costs `limit`, not its size)."""
+    if coding not in UpstreamDecoder.DECODABLE:
+        return None
+    raw = coding == "deflate" and body[:1] and body[0] & 0x0F != 8  # no zlib header
+    decompressor = zlib.decompressobj(-zlib.MAX_WBITS if raw else 32 + zlib.MAX_WBITS)
+    try:
+        plain = decompressor.decompress(body, limit + 1)
+    except zlib.error:
+        return None
+    if len(plain) > limit or not decompressor.eof:
+        return None
+    return plain

@@ -54,6 +54,7 @@ class RequestFacts:
     # The parsed body, kept until the prompt is estimated: that is done when the exchange ends,
     # so that encoding a long prompt never delays the request on its way upstream.
     parsed: dict[str, Any] | None = None
+    parsed_size: int = 0  # the JSON it was parsed from, in bytes (decoded, if content-coded)
 
 
 def read_request(
@@ -63,12 +64,16 @@ def read_request(
     settings: MeteringSettings,
     errors: dict[str, int],
     request_id: str = "",
+    plain: bytes | None = None,
 ) -> RequestFacts:
+    """What `body` says, and the body to send upstream. `plain` is a content-coded body's
+    decoded copy: metered, never sent, so nothing is added to the body then."""
     facts = RequestFacts(body)
     if dialect == "none" or not body:
         return facts
+    source = body if plain is None else plain
     try:
-        request: Any = orjson.loads(body)
+        request: Any = orjson.loads(source)
     except orjson.JSONDecodeError:
         errors["request"] = errors.get("request", 0) + 1  # forwarded all the same
         return facts
@@ -81,8 +86,13 @@ def read_request(
     # Ollama streams unless told not to; the others only when asked.
     facts.stream = stream is not False if dialect.startswith("ollama") else stream is True
     if settings.estimate and tokenizers is not None:
-        facts.parsed = request
-    if settings.request_usage and facts.stream and dialect in _USAGE_OPTION_DIALECTS:
+        facts.parsed, facts.parsed_size = request, len(source)
+    if (
+        settings.request_usage
+        and facts.stream
+        and dialect in _USAGE_OPTION_DIALECTS
+        and plain is None
+    ):
         options = request.get("stream_options")
         if "stream_options" not in request:
             facts.body = _with_usage_option(body)

@@ -33,6 +33,7 @@ from .compression import (
     UpstreamDecoder,
     accepts_gzip,
     flush_policy,
+    inflate_request,
     is_compressible,
     media_type,
 )
@@ -40,7 +41,13 @@ from .config import Config, Timeouts, Upstream
 from .dialects import Dialect, detect_dialect
 from .errors import ProxyError
 from .headers import ClientSide, client_response_headers, is_trusted, upstream_request_headers
-from .metering import MeteringSettings, ResponseMeter, estimate_input, read_request
+from .metering import (
+    MeteringSettings,
+    RequestFacts,
+    ResponseMeter,
+    estimate_input,
+    read_request,
+)
 from .metrics import Metrics
 from .pricing import Costing
 from .routing import Router, path_problem, upstream_url
@@ -249,7 +256,7 @@ class Proxy:
                 estimate_input, facts, cast(Dialect, exchange.dialect), self.tokenizers,
                 self.metering, exchange.metering_errors, exchange.request_id,
             )  # fmt: skip
-            if self.tokenizers is not None and len(facts.body) > ESTIMATE_INLINE_BYTES:
+            if self.tokenizers is not None and facts.parsed_size > ESTIMATE_INLINE_BYTES:
                 # tiktoken lets go of the GIL while it encodes: in a thread, a prompt of
                 # megabytes costs the other streams nothing.
                 if self._estimator is None:
@@ -341,10 +348,20 @@ class Proxy:
         if body is None:
             return await self._refuse(request, exchange, errors.too_large(limit), family)
 
-        facts = read_request(
-            dialect, body, self.tokenizers, self.metering, exchange.metering_errors,
-            exchange.request_id,
-        )  # fmt: skip
+        # A content-coded body goes upstream as sent; a bounded decoded copy is metered.
+        coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        plain = None
+        if coding != "identity" and dialect != "none" and body:
+            plain = inflate_request(body, coding, limit)
+        if coding != "identity" and plain is None:  # not decodable here: relayed, not read
+            facts = RequestFacts(body)
+            if dialect != "none" and body:
+                exchange.metering_errors["request"] = 1
+        else:
+            facts = read_request(
+                dialect, body, self.tokenizers, self.metering, exchange.metering_errors,
+                exchange.request_id, plain,
+            )  # fmt: skip
         exchange.request = facts
         client = ClientSide(
             peer=peer, scheme=request.scheme, host=request.headers.get("Host"), trusted=trusted

@@ -356,6 +356,8 @@ async def start(
         max_connections=limits.max_connections,
         # A client that leaves cancels its handler, which closes the upstream request at once.
         handler_cancellation=True,
+        # A request body goes upstream as the client sent it, content coding and all.
+        auto_decompress=False,
         access_log=None,
         max_line_size=limits.max_header_bytes,
         max_field_size=limits.max_header_bytes,
