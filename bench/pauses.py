@@ -7,7 +7,8 @@ mock upstream, continuously, while curl posts one chat request whose prompt is `
 MiB of a single repeated letter (tiktoken's slowest input: one pre-token of megabytes). The run
 lasts until that request's usage record is written. The report is the longest gap between two
 events any paced stream saw, beyond the pace, for tallygate with the prompt estimate on and off
-(`metering.estimate: false`: the same build without the work).
+(`metering.estimate: false`: the same build without the work), against a direct connection to
+the upstream and nginx (`proxy_buffering off`) in the same run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from run import (  # noqa: E402
     free_port,
     one_stream,
     spawn,
+    start_nginx,
     start_upstream,
     wait_port,
 )
@@ -48,14 +50,17 @@ def start(scratch: Path, upstream: int, estimate: bool) -> tuple[Target, Path]:
     proc = spawn([sys.executable, "-m", "tallygate", "serve", "-c", str(path)], "0",
                  scratch / "tallygate.log")  # fmt: skip
     wait_port(port)
-    return Target(f"estimate {'on' if estimate else 'off'}", port, [proc.pid], [proc]), log
+    name = f"tallygate, prompt estimate {'on' if estimate else 'off'}"
+    return Target(name, port, [proc.pid], [proc]), log
 
 
 def recorded(log: Path, request_id: str) -> bool:
     return log.exists() and f'"{request_id}"'.encode() in log.read_bytes()
 
 
-async def measure(target: Target, log: Path, prompt: Path, streams: int, pace: float) -> float:
+async def measure(
+    target: Target, log: Path | None, prompt: Path, streams: int, pace: float
+) -> float:
     """The longest gap beyond `pace` between two events of a paced stream, in seconds."""
     worst = 0.0
     curl = await asyncio.create_subprocess_exec(
@@ -78,13 +83,14 @@ async def measure(target: Target, log: Path, prompt: Path, streams: int, pace: f
     await curl.wait()
     deadline = time.monotonic() + 120
     # Records are written after their answers: wait for the prompt's (the streams' come on).
-    while time.monotonic() < deadline:
+    while log is not None and time.monotonic() < deadline:
         if recorded(log, "maximal-prompt"):
             break
         await asyncio.sleep(0.05)
     else:
-        raise SystemExit("the maximal prompt's record never came")
-    await asyncio.sleep(2 * pace)
+        if log is not None:
+            raise SystemExit("the maximal prompt's record never came")
+    await asyncio.sleep(max(0.5, 2 * pace))
     done.set()
     await asyncio.gather(*tasks)
     return worst
@@ -106,6 +112,15 @@ def main() -> None:
         upstream = start_upstream(scratch, args.pace)
         rows = []
         try:
+            for target in (
+                Target("direct", upstream.port, []),
+                start_nginx(scratch, upstream.port, False),
+            ):
+                try:
+                    worst = asyncio.run(measure(target, None, prompt, args.streams, args.pace))
+                finally:
+                    target.stop()
+                rows.append((target.name, worst))
             for estimate in (False, True):
                 target, log = start(scratch, upstream.port, estimate)
                 try:

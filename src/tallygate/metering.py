@@ -48,6 +48,9 @@ class RequestFacts:
     model: str | None = None
     stream: bool | None = None
     usage_requested: bool = False  # tallygate added include_usage: strip the usage-only chunk
+    # include_usage is still to be inserted into `body` (with_usage_option): the relay does it
+    # in a step of its own, as a long body's copy takes milliseconds.
+    insert_usage_option: bool = False
     estimated_input: int | None = None
     estimate_exact: bool = False
     tools_offered: bool = False
@@ -95,8 +98,7 @@ def read_request(
     ):
         options = request.get("stream_options")
         if "stream_options" not in request:
-            facts.body = _with_usage_option(body)
-            facts.usage_requested = True
+            facts.insert_usage_option = facts.usage_requested = True
         elif options is None or (isinstance(options, dict) and "include_usage" not in options):
             request["stream_options"] = {**(options or {}), "include_usage": True}
             facts.body = orjson.dumps(request)
@@ -107,7 +109,7 @@ def read_request(
 _USAGE_OPTION = b'"stream_options":{"include_usage":true},'
 
 
-def _with_usage_option(body: bytes) -> bytes:
+def with_usage_option(body: bytes) -> bytes:
     """The body as the client sent it, with the usage option as the object's first member:
     re-serializing would change the client's bytes (spacing, escapes, number spelling). The
     object has members (`stream` at least), so a comma follows."""

@@ -47,6 +47,7 @@ from .metering import (
     ResponseMeter,
     estimate_input,
     read_request,
+    with_usage_option,
 )
 from .metrics import Metrics
 from .pricing import Costing
@@ -67,6 +68,7 @@ _READ_CHUNK = 2**16
 # A request body above this is counted off the event loop: tiktoken encodes about a megabyte in
 # 50-300 ms (a run of one letter is its worst case), which would pause every other stream.
 ESTIMATE_INLINE_BYTES = 64 * 1024
+LONG_BODY_BYTES = 2**20
 
 
 class Watchdog:
@@ -347,6 +349,11 @@ class Proxy:
             return await self._refuse(request, exchange, refusal, family, close=True)
         if body is None:
             return await self._refuse(request, exchange, errors.too_large(limit), family)
+        # A body of megabytes is joined, parsed and copied in separate steps, so that other
+        # streams run between them (bench/pauses.py).
+        long = len(body) > LONG_BODY_BYTES
+        if long:
+            await _let_others_run()
 
         # A content-coded body goes upstream as sent; a bounded decoded copy is metered.
         coding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -363,6 +370,10 @@ class Proxy:
                 exchange.request_id, plain,
             )  # fmt: skip
         exchange.request = facts
+        if facts.insert_usage_option:
+            if long:
+                await _let_others_run()
+            facts.body = with_usage_option(facts.body)
         client = ClientSide(
             peer=peer, scheme=request.scheme, host=request.headers.get("Host"), trusted=trusted
         )
@@ -851,3 +862,11 @@ def _received_head_size(upstream_response: aiohttp.ClientResponse) -> int:
 def _describe(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return text.splitlines()[0][:200]
+
+
+async def _let_others_run() -> None:
+    """Yield twice: the first lets the loop poll for I/O and wake the tasks waiting for it, the
+    second lets those tasks run before this one goes on (a single yield would run this one's
+    next step first, since it was queued before them)."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
