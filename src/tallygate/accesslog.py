@@ -38,7 +38,11 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> None:
         if self._thread is None:
             return
-        self._queue.put(orjson.dumps(record) + b"\n")
+        try:
+            line = orjson.dumps(record)
+        except TypeError:  # a lone surrogate: a header's undecodable byte, as aiohttp keeps it
+            line = orjson.dumps(_escaped(record))
+        self._queue.put(line + b"\n")
 
     def close(self) -> None:
         """Write out what is queued, then stop (at shutdown). At most one batch interval late."""
@@ -97,3 +101,15 @@ class AccessLog:
                 sink = None
         if sink is not None and sink > 2:
             os.close(sink)
+
+
+def _escaped(value: Any) -> Any:
+    """`value` with every string's lone surrogates written as `\\udcXX` text, which JSON can
+    hold: the record keeps what the client sent, readably, instead of failing to serialize."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, dict):
+        return {_escaped(key): _escaped(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(item) for item in value]
+    return value

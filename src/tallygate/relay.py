@@ -290,14 +290,28 @@ class Proxy:
             exchange.cost = self.costing.cost(model, usage, wire, month)
             if exchange.cost.first_unpriced:
                 log.warning(UNPRICED_WARNING, model)
-            record = exchange.record()
-            self.access_log.write(record)
-            self.metrics.observe(record, exchange.cost.model_key or model, exchange.error_reason)
-            if self.on_record is not None:
-                self.on_record(exchange)
-        except Exception:  # the record must never take the relay down
+        except Exception:  # pricing must never cost the record: it is written unpriced
             exchange.metering_errors["record"] = exchange.metering_errors.get("record", 0) + 1
+            log.exception("pricing the usage record of %s failed", exchange.request_id)
+            model = None
+        try:
+            record = exchange.record()
+        except Exception:  # a defect, never the client's doing: logged, and the relay goes on
+            log.exception("building the usage record of %s failed", exchange.request_id)
+            return
+        model_key = exchange.cost.model_key if exchange.cost is not None else None
+        # Each sink on its own: one that fails never keeps the record from the others.
+        try:
+            self.access_log.write(record)
+        except Exception:
+            self.access_log.failures += 1
             log.exception("writing the usage record of %s failed", exchange.request_id)
+        try:
+            self.metrics.observe(record, model_key or model, exchange.error_reason)
+        except Exception:
+            log.exception("the metrics of %s failed", exchange.request_id)
+        if self.on_record is not None:
+            self.on_record(exchange)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         family = errors.api_family(request.path)
