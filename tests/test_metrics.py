@@ -321,3 +321,17 @@ async def test_openmetrics_and_the_metrics_token(
         assert (
             r.status != 200 or "tallygate_requests_total" not in await r.text()
         )  # never on the edge
+
+
+async def test_a_metrics_token_with_a_byte_above_0x7f_is_a_401(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    running = await make_proxy(admin={"listen": "127.0.0.1:0", "metrics_token": "scrape-me"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.admin_port)
+    writer.write(
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer scrape-m\xe9\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401")

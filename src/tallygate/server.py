@@ -102,7 +102,8 @@ def admin_app(
     async def metrics(request: web.Request) -> web.Response:
         if token is not None:
             presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(presented.encode(), token.encode()):
+            sent = presented.encode("utf-8", "surrogateescape")  # the bytes sent, whatever
+            if not hmac.compare_digest(sent, token.encode()):
                 return web.json_response(
                     {"error": "a bearer token is required"}, status=401,
                     headers={"WWW-Authenticate": 'Bearer realm="tallygate metrics"'},
