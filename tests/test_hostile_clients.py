@@ -109,7 +109,8 @@ async def test_unparsable_requests_get_a_json_answer_and_a_record(
 @pytest.mark.parametrize(
     "path",
     [b"/v1/../admin", b"/v1/%2e%2E/admin", b"/v1/.%2e/admin", b"/v1/./x", b"/v1/..;/admin",
-     b"/v1/models%2F..%2Fadmin", b"/v1/a%5cb", b"/v1\\..\\admin", b"/v1/a%00b"],
+     b"/v1/models%2F..%2Fadmin", b"/v1/a%5cb", b"/v1\\..\\admin", b"/v1/a%00b",
+     b"/v1/..#x", b"/v1/chat/completions#x", b"/v1/models?q=1#x", b"/v1/%2E%2e/admin"],
 )  # fmt: skip
 async def test_paths_that_could_escape_a_route_are_refused(
     upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog, path: bytes
@@ -127,6 +128,33 @@ async def test_paths_that_could_escape_a_route_are_refused(
     assert upstream.requests == []
     await records.wait_for(1)
     assert records[0]["rejected_reason"] == "path_refused"
+
+
+@pytest.mark.parametrize(
+    ("path", "seen", "dialect"),
+    [(b"/v1/chat/%63ompletions", "/v1/chat/completions", "openai_chat"),
+     (b"/v1/chat/c%6Fmpletions?x=%41", "/v1/chat/completions?x=%41", "openai_chat"),
+     (b"/v1/%6Dessages", "/anthropic/v1/messages", "anthropic_messages")],
+)  # fmt: skip
+async def test_an_escaped_spelling_is_routed_metered_and_forwarded_as_the_path_it_means(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog,
+    path: bytes, seen: str, dialect: str,
+) -> None:  # fmt: skip
+    upstream.handler = ok_json
+    running = await make_proxy(
+        routes=[{"path_prefix": "/v1/messages", "upstream": "anthropic"},
+                {"path_prefix": "/v1/", "upstream": "main"}],
+        upstreams={"main": {"url": upstream.url}, "anthropic": {"url": upstream.url + "/anthropic"}},
+    )  # fmt: skip
+    status, _, _ = parse(
+        await exchange(running.proxy_port, request(path, b"Connection: close\r\n"))
+    )
+    assert status == 200
+    [(forwarded, _)] = upstream.requests
+    assert forwarded.raw_path == seen
+    await records.wait_for(1)
+    assert records[0]["dialect"] == dialect
+    assert records[0]["estimated"]["input"] is not None  # metered as what it is
 
 
 async def test_ordinary_paths_with_dots_and_escapes_pass(

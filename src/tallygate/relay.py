@@ -51,7 +51,7 @@ from .metering import (
 )
 from .metrics import Metrics
 from .pricing import Costing
-from .routing import Router, path_problem, upstream_url
+from .routing import Router, canonical_path, path_problem, upstream_url
 from .tenants import Tenants
 from .tokens import Tokenizers
 from .usage import Exchange, head_size, received_head_size
@@ -328,10 +328,12 @@ class Proxy:
         if not raw_target.startswith("/"):
             refusal = errors.not_a_proxy("a request target not starting with /")
             return await self._refuse(request, exchange, refusal, family)
-        path = raw_target.split("?", 1)[0]
-        problem = path_problem(path)
+        path, mark, query = raw_target.partition("?")
+        path = canonical_path(path)
+        problem = path_problem(path) or ("fragment" if "#" in query else None)
         if problem is not None:
             return await self._refuse(request, exchange, errors.path_refused(problem), family)
+        target = path + mark + query
 
         peer = request.remote
         trusted = is_trusted(peer, self.config.trusted_proxies)
@@ -396,7 +398,7 @@ class Proxy:
             # A tallygate-issued key is ours: it never travels upstream.
             drop_client_credentials=identity.by_key,
         )  # fmt: skip
-        return await self._forward(request, exchange, upstream, raw_target, headers, facts.body)
+        return await self._forward(request, exchange, upstream, target, headers, facts.body)
 
     async def _read_body(
         self, request: web.BaseRequest, limit: int, exchange: Exchange
@@ -446,7 +448,7 @@ class Proxy:
         try:
             try:
                 upstream_response = await self.session.request(
-                    request.method, url, headers=headers, data=data,
+                    request.method, URL(url, encoded=True), headers=headers, data=data,
                     allow_redirects=False, timeout=timeout,
                 )  # fmt: skip
             except aiohttp.ConnectionTimeoutError:
