@@ -200,3 +200,13 @@ def test_inflate_request_is_bounded_and_knows_its_codings() -> None:
     assert inflate_request(gzip.compress(plain)[:-9], "gzip", len(plain)) is None  # cut short
     assert inflate_request(b"not gzip", "gzip", 100) is None
     assert inflate_request(plain, "br", len(plain)) is None
+
+
+def test_every_flush_is_byte_aligned_for_every_inflater() -> None:
+    """A flush must leave no bits pending: Go's compress/flate decodes only whole bytes of a
+    block it has seen end, so the output at each event must end with a sync flush's empty
+    stored block (00 00 ff ff), not a partial flush's empty static block."""
+    encoder = GzipEncoder(GzipSettings(), "sse")
+    for case in CASES[:10]:
+        for event in re.findall(rb".*?\n\n", case.body, re.S)[:20]:
+            assert encoder.feed(event).endswith(b"\x00\x00\xff\xff"), case.id
