@@ -12,7 +12,7 @@ import contextlib
 import functools
 import itertools
 import logging
-import os
+import secrets
 import time
 import zlib
 from collections.abc import Callable
@@ -54,7 +54,7 @@ from .pricing import Costing
 from .routing import Router, canonical_path, path_problem, upstream_url
 from .tenants import Tenants
 from .tokens import Tokenizers
-from .usage import Exchange, head_size, received_head_size
+from .usage import Exchange, head_size, received_head_size, sane_request_id
 
 log = logging.getLogger("tallygate.relay")
 UNPRICED_WARNING = (
@@ -166,8 +166,9 @@ class Proxy:
         self._drains: set[asyncio.Task[None]] = set()
         self._estimates: set[asyncio.Future[None]] = set()
         self._estimator: ThreadPoolExecutor | None = None
-        # Request ids: this process (a worker is a fork: not the pid at import) and a counter.
-        self._id_prefix = f"{os.getpid():x}"
+        # Request ids: a random prefix for this process (drawn after a worker's fork) and a
+        # counter, unique across workers, replicas and restarts.
+        self._id_prefix = secrets.token_hex(6)
         self._request_ids = itertools.count(1)
         self._loop = asyncio.get_event_loop()
 
@@ -240,8 +241,8 @@ class Proxy:
         self, request: web.BaseRequest, method: str | None = None, path: str | None = None
     ) -> Exchange:
         return Exchange(
-            request_id=request.headers.get("X-Request-Id")
-            or f"{self._id_prefix}-{next(self._request_ids)}",
+            request_id=f"{self._id_prefix}-{next(self._request_ids)}",
+            client_request_id=sane_request_id(request.headers.get("X-Request-Id")),
             method=request.method if method is None else method,
             path=request.path if path is None else path,
             started=self._loop.time(),
@@ -604,6 +605,16 @@ class Proxy:
         )
         if length is not None and gzip_policy is None:
             response.content_length = length
+        # The provider's own id (OpenAI's x-request-id, Anthropic's request-id) is recorded, and
+        # OpenAI's goes on as x-upstream-request-id: x-request-id is the one in our record.
+        headers = response.headers
+        provided = headers.popall("X-Request-Id", None)
+        if provided:
+            headers["X-Upstream-Request-Id"] = provided[0]
+        exchange.upstream_request_id = sane_request_id(
+            provided[0] if provided else headers.get("Request-Id")
+        )
+        headers["X-Request-Id"] = exchange.answered_id()
         return response, decoder, gzip_policy, meter
 
     async def _pump(
@@ -799,6 +810,7 @@ class Proxy:
         response = web.Response(
             status=error.status, body=error.body(family), content_type="application/json"
         )
+        response.headers["X-Request-Id"] = exchange.answered_id()
         if error.status == 503:
             response.headers["Retry-After"] = str(self.limits.retry_after)
         if close:  # the connection is over: a body unread, or one connection too many
