@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .cors import CorsPolicy
 from .pricing import EgressTier, TokenPrice, parse_token_price
 
 AuthHeader = Literal["authorization", "x-api-key"]
@@ -86,6 +87,7 @@ class Route:
     path_prefix: str
     upstream: str
     dialect: str = "auto"  # "auto": from the request path (dialects.detect_dialect)
+    cors: CorsPolicy | Literal[False] | None = None  # None: the top-level `cors:`; False: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +199,13 @@ class Config:
     tenant_header: str | None = None
     require_key: bool = False  # auth.require_key
     workers: int = 1
+    cors: CorsPolicy | None = None  # None: no CORS, preflights are relayed like any request
+
+    def cors_for(self, route: Route | None) -> CorsPolicy | None:
+        """The CORS policy of a request on `route` (None before routing, or when off)."""
+        if route is None or route.cors is None:
+            return self.cors
+        return route.cors or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +520,7 @@ def _read_routes(r: _Reader, raw: object, upstreams: Mapping[str, Upstream]) -> 
     routes = []
     for i, spec in enumerate(raw):
         path = f"routes[{i}]"
-        m = r.mapping(spec, path, ["path_prefix", "upstream", "dialect"])
+        m = r.mapping(spec, path, ["path_prefix", "upstream", "dialect", "cors"])
         for key in ("path_prefix", "upstream"):
             if key not in m:
                 r.problems.append(f"{path}.{key}: required")
@@ -524,15 +533,72 @@ def _read_routes(r: _Reader, raw: object, upstreams: Mapping[str, Upstream]) -> 
                 r.value(m, "path_prefix", path, _path_prefix, "/"),
                 upstream,
                 r.value(m, "dialect", path, _choice(DIALECT_CHOICES), "auto"),
+                False if m.get("cors") is False else _read_cors(r, m.get("cors"), f"{path}.cors"),
             )
         )
     return tuple(routes)
 
 
+_CORS_KEYS = [f.name for f in fields(CorsPolicy)]
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError("expected a list of strings")
+    return tuple(v.strip() for v in value)
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    origins = _strings(value)
+    for origin in origins:
+        if origin != "*" and (
+            not re.fullmatch(r"https?://[^/\s]+", origin) or origin.endswith(":")
+        ):
+            raise ValueError(
+                f"'{origin}' is not an origin: `*`, or scheme://host[:port] with no path"
+            )
+    return origins
+
+
+def _methods(value: object) -> tuple[str, ...]:
+    methods = tuple(m.upper() for m in _strings(value))
+    for method in methods:
+        if method not in _METHODS:
+            raise ValueError(f"unknown method '{method}' (known: {', '.join(_METHODS)})")
+    return methods
+
+
+def _read_cors(r: _Reader, raw: object, path: str) -> CorsPolicy | None:
+    if raw is None:
+        return None
+    m = r.mapping(raw, path, _CORS_KEYS)
+    if "allow_origins" not in m:
+        r.problems.append(f"{path}.allow_origins: required (a list of origins, or `*`)")
+        return None
+    d = CorsPolicy(allow_origins=())
+    policy = CorsPolicy(
+        allow_origins=r.value(m, "allow_origins", path, _origins, ()),
+        allow_methods=r.value(m, "allow_methods", path, _methods, d.allow_methods),
+        allow_headers=r.value(m, "allow_headers", path, _strings, d.allow_headers),
+        expose_headers=r.value(m, "expose_headers", path, _strings, d.expose_headers),
+        allow_credentials=r.value(m, "allow_credentials", path, _bool, d.allow_credentials),
+        max_age=int(r.value(m, "max_age", path, parse_duration, float(d.max_age))),
+    )
+    if policy.allow_credentials and "*" in policy.allow_origins:
+        r.problems.append(
+            f"{path}.allow_credentials: browsers refuse credentials with any origin (`*`): "
+            "name the origins"
+        )
+    return policy
+
+
 _TOP_KEYS = [
     "listen", "admin", "upstreams", "routes", "compression", "limits", "pool", "trusted_proxies",
     "shutdown_grace", "metering", "access_log", "metrics", "pricing", "tenants", "tenant_header",
-    "auth", "workers",
+    "auth", "workers", "cors",
 ]  # fmt: skip
 
 
@@ -734,6 +800,7 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
         tenant_header=r.value(top, "tenant_header", "", _string, "") or None,
         require_key=r.value(auth_raw, "require_key", "auth", _bool, False),
         workers=r.value(top, "workers", "", _workers, 1),
+        cors=_read_cors(r, top.get("cors"), "cors"),
     )
     if config.require_key and not config.tenants:
         r.problems.append(

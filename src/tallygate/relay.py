@@ -38,6 +38,7 @@ from .compression import (
     media_type,
 )
 from .config import Config, Timeouts, Upstream
+from .cors import CorsPolicy, is_preflight
 from .dialects import Dialect, detect_dialect
 from .errors import ProxyError
 from .headers import ClientSide, client_response_headers, is_trusted, upstream_request_headers
@@ -317,6 +318,11 @@ class Proxy:
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         family = errors.api_family(request.path)
         limits = self.limits
+        origin = request.headers.get("Origin")
+        if origin is not None:  # a browser's cross-origin request: every answer says CORS
+            cors = self.config.cors_for(self.router.match(request.path))
+            if cors is not None:
+                exchange.cors = (cors, origin)
         if limits.max_connections and getattr(request.protocol, "over_limit", False):
             refusal = errors.overloaded("connections", limits.max_connections)
             return await self._refuse(request, exchange, refusal, family, close=True)
@@ -335,6 +341,8 @@ class Proxy:
         if problem is not None:
             return await self._refuse(request, exchange, errors.path_refused(problem), family)
         target = path + mark + query
+        if exchange.cors is not None and is_preflight(request.method, request.headers):
+            return await self._preflight(request, exchange, *exchange.cors, family)
 
         peer = request.remote
         trusted = is_trusted(peer, self.config.trusted_proxies)
@@ -348,8 +356,10 @@ class Proxy:
             return await self._refuse(request, exchange, errors.no_route(request.path), family)
         upstream = self.config.upstreams[route.upstream]
         exchange.route, exchange.upstream = route.path_prefix, upstream.name
-        if not self.config.metering.enabled:
-            dialect: Dialect = "none"  # relay only: no body is parsed
+        if not self.config.metering.enabled or request.method != "POST":
+            # Relay only; and every API call that is billed is a POST: an OPTIONS, a GET of a
+            # stored response, a DELETE are relayed, not metered.
+            dialect: Dialect = "none"
         elif route.dialect == "auto":
             dialect = detect_dialect(path)
         else:
@@ -615,6 +625,7 @@ class Proxy:
             provided[0] if provided else headers.get("Request-Id")
         )
         headers["X-Request-Id"] = exchange.answered_id()
+        _add_cors(exchange, headers)
         return response, decoder, gzip_policy, meter
 
     async def _pump(
@@ -795,6 +806,36 @@ class Proxy:
 
     # -- answers of our own ----------------------------------------------------------------------
 
+    async def _preflight(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        cors: CorsPolicy,
+        origin: str,
+        family: errors.ApiFamily,
+    ) -> web.StreamResponse:
+        """A browser's preflight, answered here: never relayed, never asked for a key, never
+        metered (its record has no dialect and no tokens)."""
+        route = self.router.match(exchange.path)
+        exchange.route = route.path_prefix if route is not None else ""
+        method = request.headers["Access-Control-Request-Method"]
+        allowed = cors.preflight(
+            origin, method, request.headers.get("Access-Control-Request-Headers", "")
+        )
+        if allowed is None:
+            exchange.cors = None  # a refused origin learns nothing more
+            return await self._refuse(
+                request, exchange, errors.cors_refused(origin, method), family
+            )
+        exchange.status = 204
+        response = web.Response(status=204, headers=allowed)
+        response.headers["X-Request-Id"] = exchange.answered_id()
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            await response.prepare(request)
+            await response.write_eof()
+        exchange.client_out = _output_size(response)
+        return response
+
     async def _refuse(
         self,
         request: web.BaseRequest,
@@ -813,6 +854,7 @@ class Proxy:
         response.headers["X-Request-Id"] = exchange.answered_id()
         if error.status == 503:
             response.headers["Retry-After"] = str(self.limits.retry_after)
+        _add_cors(exchange, response.headers)
         if close:  # the connection is over: a body unread, or one connection too many
             response.force_close()
             response.headers["Connection"] = "close"  # said even to a request we could not read
@@ -898,3 +940,17 @@ async def _let_others_run() -> None:
     next step first, since it was queued before them)."""
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+
+
+def _add_cors(exchange: Exchange, headers: CIMultiDict[str]) -> None:
+    """A cross-origin request's answer carries our CORS headers, and none of the upstream's."""
+    if exchange.cors is None:
+        return
+    cors, origin = exchange.cors
+    for name in [n for n in headers if n.lower().startswith("access-control-")]:
+        headers.popall(name, None)
+    for name, value in cors.response_headers(origin, headers.keys()).items():
+        if name == "Vary":
+            headers.add(name, value)
+        else:
+            headers[name] = value

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .cors import CorsPolicy
 from .dialects import Usage
 from .metering import RequestFacts, ResponseFacts
 from .pricing import COST_KINDS, Cost
@@ -88,6 +89,7 @@ class Exchange:
     client_request_id: str | None = None  # the client's X-Request-Id, when it is a sane one
     upstream_request_id: str | None = None  # the provider's id for the request, if it sent one
     streaming_counted: bool = False  # in tallygate_streams_active
+    cors: tuple[CorsPolicy, str] | None = None  # a cross-origin request's policy and origin
     cost: Cost | None = None
     upstream_status: int = 0  # the upstream's own status, once its head arrived; 0: none came
 
