@@ -211,8 +211,9 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Scalars with units
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$|^\s*((?:\d+(?:\.\d+)?(?:ms|s|m|h|d)\s*)+)$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
 _SIZE_UNITS = {
     None: 1, "B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "k": KiB, "K": KiB, "M": MiB, "G": GiB,
@@ -221,16 +222,25 @@ _SIZE_UNITS = {
 
 
 def parse_duration(value: object) -> float:
-    """`250ms`, `30s`, `5m`, `1h`, or a plain number of seconds."""
+    """`250ms`, `30s`, `5m`, `1h`, `1d`, combined as `2h30m`, or a plain number of seconds."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 30s, got {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
     else:
-        match = _DURATION.match(str(value))
+        text = str(value)
+        match = _DURATION.match(text)
         if not match:
-            raise ValueError(f"expected a duration like 250ms, 30s or 5m, got {value!r}")
-        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+            if text.strip().startswith("-") and _DURATION.match(text.strip()[1:]):
+                raise ValueError(f"must be positive, got {value!r}")
+            raise ValueError(f"expected a duration like 250ms, 30s, 5m or 2h30m, got {value!r}")
+        if match[1] is not None:
+            seconds = float(match[1])
+        else:
+            seconds = sum(
+                float(number) * _DURATION_UNITS[unit]
+                for number, unit in _DURATION_PART.findall(match[2])
+            )
     if seconds <= 0:
         raise ValueError(f"must be positive, got {value!r}")
     return seconds
@@ -728,12 +738,15 @@ def _read_metering(r: _Reader, raw: object) -> Metering:
     )
 
 
-def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
-    """Parse and validate; raise ConfigError listing every problem."""
+def load_config_text(
+    text: str, env: Mapping[str, str] | None = None, source: str = "config"
+) -> Config:
+    """Parse and validate; raise ConfigError listing every problem. `source` names the text in
+    a YAML syntax error (the file's path), with the line and column."""
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError([f"config: not valid YAML: {error}"]) from None
+        raise ConfigError([_yaml_problem(error, source)]) from None
     r = _Reader()
     document = _interpolate(document, "", os.environ if env is None else env, r.problems)
     top = r.mapping(document, "", _TOP_KEYS)
@@ -818,7 +831,20 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError([f"config: cannot read {path}: {error.strerror}"]) from None
-    return load_config_text(text, env)
+    except UnicodeDecodeError:
+        raise ConfigError([f"config: {path} is not UTF-8 text"]) from None
+    return load_config_text(text, env, str(path))
+
+
+def _yaml_problem(error: yaml.YAMLError, source: str) -> str:
+    """`file:line:column: what is wrong`, as compilers say it."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    what = f"{context}: {problem}" if context else problem
+    if mark is None:
+        return f"{source}: not valid YAML: {what}"
+    return f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {what}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -833,11 +859,11 @@ def _plain(value: object, key: str = "") -> object:
     if isinstance(value, Listen | ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value)
     if is_dataclass(value) and not isinstance(value, type):
-        # An upstream's name is its key already.
+        # An upstream's or a tenant's name is its key already.
         return {
             f.name: _plain(getattr(value, f.name), f.name)
             for f in fields(value)
-            if f.name != "name" or not isinstance(value, Upstream)
+            if f.name != "name" or not isinstance(value, Upstream | Tenant)
         }
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .accesslog import AccessLog
+from .checks import config_warnings
 from .config import Config, ConfigError, Listen, effective_config, load_config
 from .connection import Listener
 from .metrics import Metrics, config_hash
@@ -465,6 +466,8 @@ def run_loop(main: Awaitable[None]) -> None:
 
 
 def run(config: Config, tokenizers: Tokenizers | None, path: str | None = None) -> None:
+    for warning in config_warnings(config):
+        log.warning("%s", warning)
     if config.workers > 1:
         from .workers import supervise
 
