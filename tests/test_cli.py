@@ -3,6 +3,9 @@ seem to, output that round-trips, options where a user types them, messages that
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +179,31 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
     [problem] = raised.value.problems
     assert problem.startswith(f"{path}:5:4: not valid YAML")
     assert "<unicode string>" not in problem
+
+
+@pytest.mark.parametrize(
+    "taken", ["proxy", "admin", "workers-admin", "demo", "demo-admin", "simulate"]
+)
+def test_an_address_in_use_is_one_line_and_exit_1(taken: str, tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        busy, free = f"127.0.0.1:{port}", "127.0.0.1:0"
+        path = tmp_path / "c.yaml"
+        workers = "workers: 2\n" if taken == "workers-admin" else ""
+        proxy, admin = (busy, free) if taken == "proxy" else (free, busy)
+        path.write_text(
+            f"listen: '{proxy}'\nadmin: {{listen: '{admin}'}}\n{workers}"
+            "upstreams: {a: {url: 'http://127.0.0.1:1'}}\nroutes: [{path_prefix: /, upstream: a}]\n"
+        )
+        argv = {
+            "demo": ["demo", "--listen", busy, "--admin", free],
+            "demo-admin": ["demo", "--listen", free, "--admin", busy],
+            "simulate": ["simulate", "--listen", busy],
+        }.get(taken, ["serve", "-c", str(path)])
+        done = subprocess.run(
+            [sys.executable, "-m", "tallygate", *argv], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 1
+    assert done.stderr == f"tallygate: cannot listen on {busy}: address already in use\n"

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import Config, ConfigError, effective_config, load_config
+from .config import Config, ConfigError, ListenError, effective_config, load_config
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -261,5 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except ListenError as error:  # an address in use: one line, not a traceback
+        print(f"tallygate: {error}", file=sys.stderr)
+        return 1
     return code

@@ -38,6 +38,15 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 
+class ListenError(Exception):
+    """An address tallygate cannot listen on (in use, not this host's, not allowed)."""
+
+    @classmethod
+    def of(cls, listen: object, error: OSError) -> ListenError:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        return cls(f"cannot listen on {listen}: {reason.lower()}")
+
+
 class ConfigError(Exception):
     """The configuration is invalid; `problems` holds one `key.path: message` line each."""
 

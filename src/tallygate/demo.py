@@ -11,8 +11,8 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from .config import Listen, Metering, load_config_text
-from .server import run_loop, serve
+from .config import Listen, ListenError, Metering, load_config_text
+from .server import Running, run_loop, serve
 from .simulator import Simulator, SimulatorSettings
 from .tokens import TokenizerError, Tokenizers
 
@@ -40,7 +40,11 @@ async def _start_simulator(
     runner = web.AppRunner(Simulator(settings, tokenizers).app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, listen.host, listen.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise ListenError.of(listen, error) from None
     server = site._server  # asyncio's Server: its sockets tell the port the OS chose
     sockets = getattr(server, "sockets", None) or ()
     return runner, int(sockets[0].getsockname()[1]) if sockets else listen.port
@@ -94,17 +98,21 @@ def run_demo(listen: Listen, admin: Listen, settings: SimulatorSettings) -> None
         config = load_config_text(
             yaml.safe_dump(demo_config(listen, admin, upstream, estimate)), {}
         )
-        print(
-            "\ntallygate demo: a simulated LLM upstream (OpenAI chat and Responses, Anthropic,"
-            f" Ollama) behind tallygate.\n  Send requests to http://{listen}, for example:\n    "
-            + CURL.format(listen=listen)
-            + f"\n  Metrics: http://{admin}/metrics"
-            + "\n  Usage records: printed here, one JSON line per request. Stop with Ctrl-C.\n",
-            file=sys.stderr,
-            flush=True,
-        )
+
+        def banner(running: Running) -> None:  # once both listeners are up, with their ports
+            proxy = Listen(listen.host, running.proxy_port)
+            print(
+                "\ntallygate demo: a simulated LLM upstream (OpenAI chat and Responses, Anthropic,"
+                f" Ollama) behind tallygate.\n  Send requests to http://{proxy}, for example:\n"
+                + "    " + CURL.format(listen=proxy)
+                + f"\n  Metrics: http://{Listen(admin.host, running.admin_port)}/metrics"
+                + "\n  Usage records: printed here, one JSON line per request. Stop with Ctrl-C.\n",
+                file=sys.stderr,
+                flush=True,
+            )  # fmt: skip
+
         try:
-            await serve(config, tokenizers)
+            await serve(config, tokenizers, ready=banner)
         finally:
             await runner.cleanup()
 

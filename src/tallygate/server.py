@@ -30,7 +30,7 @@ from prometheus_client.exposition import choose_encoder
 
 from .accesslog import AccessLog
 from .checks import config_warnings
-from .config import Config, ConfigError, Listen, effective_config, load_config
+from .config import Config, ConfigError, Listen, ListenError, effective_config, load_config
 from .connection import Listener
 from .metrics import Metrics, config_hash
 from .pricing import Costing, EgressPrice, UnpricedModels, default_price_table
@@ -55,12 +55,16 @@ def bind(listen: Listen, reuse_port: bool = False, backlog: int = _BACKLOG) -> s
     several processes bind the same port and the kernel spreads connections across them."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((listen.host, listen.port))
-    if backlog:
-        sock.listen(backlog)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((listen.host, listen.port))
+        if backlog:
+            sock.listen(backlog)
+    except OSError as error:
+        sock.close()
+        raise ListenError.of(listen, error) from None
     sock.setblocking(False)
     return sock
 
@@ -343,6 +347,16 @@ async def start(
 ) -> Running:
     if tokenizers is None:
         tokenizers = load_tokenizers(config)
+    # The addresses first: one in use stops tallygate before anything else is made.
+    if worker is None:
+        proxy_sock = bind(config.listen)
+        try:
+            admin_sock = bind(config.admin.listen)
+        except ListenError:
+            proxy_sock.close()
+            raise
+    else:
+        proxy_sock = bind(Listen(config.listen.host, worker.port), reuse_port=True)
     session = new_session(config)
     access_log = AccessLog(config.access_log)
     metrics = new_metrics(config)
@@ -368,10 +382,6 @@ async def start(
     )
     proxy_runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_grace)
     await proxy_runner.setup()
-    if worker is None:
-        proxy_sock = bind(config.listen)
-    else:
-        proxy_sock = bind(Listen(config.listen.host, worker.port), reuse_port=True)
     # SockSite listens again with its own backlog (128 by default): give it ours.
     await web.SockSite(
         proxy_runner, proxy_sock, backlog=_BACKLOG, ssl_context=tls_context(config.listen)
@@ -386,7 +396,6 @@ async def start(
         )
         admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
         await admin_runner.setup()
-        admin_sock = bind(config.admin.listen)
         await web.SockSite(admin_runner, admin_sock).start()
         running.admin_port = port_of(admin_sock)
     else:
@@ -411,9 +420,13 @@ async def serve(
     tokenizers: Tokenizers | None,
     worker: WorkerSlot | None = None,
     path: str | None = None,
+    ready: Callable[[Running], None] | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then drain. SIGHUP reads `path` again and applies it."""
+    """Run until SIGTERM or SIGINT, then drain. SIGHUP reads `path` again and applies it.
+    `ready` is called once both listeners are up."""
     running = await start(config, tokenizers, worker=worker)
+    if ready is not None:
+        ready(running)
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     if worker is None:
         log.info(

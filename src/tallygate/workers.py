@@ -24,7 +24,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from .config import Config
+from .config import Config, ListenError
 from .server import (
     WorkerSlot,
     _where,
@@ -90,6 +90,11 @@ class Master:
         self.runtime = tempfile.mkdtemp(prefix="tallygate-")
         # Reserve the port (and learn it, when it is 0) without accepting on it ourselves.
         self.reserved = bind(config.listen, reuse_port=True, backlog=0)
+        try:
+            self.admin_sock = bind(config.admin.listen)  # before any worker starts
+        except ListenError:
+            self.reserved.close()
+            raise
         self.port = port_of(self.reserved)
         self.slots = [
             WorkerSlot(i, self.port, os.path.join(self.runtime, f"worker-{i}.sock"))
@@ -99,7 +104,7 @@ class Master:
         self.started: dict[int, float] = {}
         self.draining = False
         self.metrics = new_metrics(config)
-        self.sockets: list[socket.socket] = [self.reserved]
+        self.sockets: list[socket.socket] = [self.reserved, self.admin_sock]
         self.all_exited: asyncio.Event | None = None
 
     def spawn_all(self) -> None:
@@ -143,8 +148,7 @@ class Master:
         app = admin_app(lambda: self.draining, self.render, self.config.admin.metrics_token)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        admin_sock = bind(self.config.admin.listen)
-        self.sockets.append(admin_sock)
+        admin_sock = self.admin_sock
         await web.SockSite(runner, admin_sock).start()
         log.info(
             "tallygate listening on %s (admin %s), %d workers",
