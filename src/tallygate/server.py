@@ -316,6 +316,8 @@ class Running:
         if config.access_log != self.config.access_log:
             old, proxy.access_log = proxy.access_log, AccessLog(config.access_log)
             asyncio.get_running_loop().run_in_executor(None, old.close)  # its queue, written out
+        else:
+            proxy.access_log.reopen()
         reconfigure_metrics(proxy.metrics, config)
         self.config = config
 
@@ -443,6 +445,8 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     if path is not None:
         on_signal(signal.SIGHUP, lambda: _reload(running, path))
+    # As nginx: USR1 reopens the log files (logrotate's postrotate), and so does a reload.
+    loop.add_signal_handler(signal.SIGUSR1, lambda: running.proxy.access_log.reopen())
     await stop.wait()
     log.info("signal received, shutting down (grace %gs)", config.shutdown_grace)
     await running.drain_and_stop()

@@ -66,8 +66,9 @@ def _spawn(
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
-        # A reload forwarded before this worker's loop handles SIGHUP must not end it.
+        # A reload or reopen forwarded before this worker's loop handles it must not end it.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         for sock in close:
             sock.close()
         _die_with_parent()
@@ -144,6 +145,7 @@ class Master:
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         if self.path is not None:
             on_signal(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
         self._reap()  # a worker may have gone before the handler was in place
         app = admin_app(lambda: self.draining, self.render, self.config.admin.metrics_token)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -188,6 +190,12 @@ class Master:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
         report_reload(self.path, config, changed)
+
+    def _forward(self, signum: int) -> None:
+        """SIGUSR1: each worker reopens its access log."""
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def _reap(self) -> None:
         """On SIGCHLD: collect exited workers; start again those that died while serving."""
