@@ -41,7 +41,13 @@ from .config import Config, Timeouts, Upstream
 from .cors import CorsPolicy, is_preflight
 from .dialects import Dialect, detect_dialect
 from .errors import ProxyError
-from .headers import ClientSide, client_response_headers, is_trusted, upstream_request_headers
+from .headers import (
+    ClientSide,
+    client_address,
+    client_response_headers,
+    is_trusted,
+    upstream_request_headers,
+)
 from .metering import (
     MeteringSettings,
     RequestFacts,
@@ -55,7 +61,13 @@ from .pricing import Costing
 from .routing import Router, canonical_path, path_problem, upstream_url
 from .tenants import Tenants
 from .tokens import Tokenizers
-from .usage import Exchange, head_size, received_head_size, sane_request_id
+from .usage import (
+    USER_AGENT_CHARS,
+    Exchange,
+    head_size,
+    received_head_size,
+    sane_request_id,
+)
 
 log = logging.getLogger("tallygate.relay")
 UNPRICED_WARNING = (
@@ -241,9 +253,15 @@ class Proxy:
     def _exchange(
         self, request: web.BaseRequest, method: str | None = None, path: str | None = None
     ) -> Exchange:
+        headers = request.headers
+        agent = headers.get("User-Agent")
         return Exchange(
             request_id=f"{self._id_prefix}-{next(self._request_ids)}",
-            client_request_id=sane_request_id(request.headers.get("X-Request-Id")),
+            client_request_id=sane_request_id(headers.get("X-Request-Id")),
+            client_address=client_address(
+                request.remote, headers.getall("X-Forwarded-For", []), self.config.trusted_proxies
+            ),
+            user_agent=agent[:USER_AGENT_CHARS] if agent is not None else None,
             method=request.method if method is None else method,
             path=request.path if path is None else path,
             started=self._loop.time(),

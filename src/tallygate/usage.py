@@ -87,6 +87,8 @@ class Exchange:
     error_reason: str | None = None  # why the upstream failed (metrics' reason label)
     rejected_reason: str | None = None  # why tallygate refused the request (its error code)
     client_request_id: str | None = None  # the client's X-Request-Id, when it is a sane one
+    client_address: str | None = None  # the peer, or the client behind trusted proxies
+    user_agent: str | None = None  # the client's User-Agent, at most USER_AGENT_CHARS
     upstream_request_id: str | None = None  # the provider's id for the request, if it sent one
     streaming_counted: bool = False  # in tallygate_streams_active
     cors: tuple[CorsPolicy, str] | None = None  # a cross-origin request's policy and origin
@@ -145,6 +147,8 @@ class Exchange:
             "request_id": self.request_id,
             "client_request_id": self.client_request_id,
             "upstream_request_id": self.upstream_request_id,
+            "client_address": self.client_address,
+            "user_agent": self.user_agent,
             "route": self.route,
             "upstream": self.upstream,
             "dialect": self.dialect,
@@ -210,6 +214,8 @@ def _iso(ts: float) -> str:
     seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
     return f"{seconds}.{int(ts % 1 * 1000):03d}Z"
 
+
+USER_AGENT_CHARS = 256  # a User-Agent is recorded up to this; longer ones are cut
 
 # A request id a client may choose: 1 to 200 visible ASCII characters (UUIDs, `req_...`). Any
 # other value is not kept: it would go back in a response header and into every sink.
