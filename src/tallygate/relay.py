@@ -253,7 +253,8 @@ class Proxy:
     def _exchange(
         self, request: web.BaseRequest, method: str | None = None, path: str | None = None
     ) -> Exchange:
-        headers = request.headers
+        # A request the parser refused has no headers to believe: only its peer is known.
+        headers = request.headers if method is None else CIMultiDict[str]()
         agent = headers.get("User-Agent")
         return Exchange(
             request_id=f"{self._id_prefix}-{next(self._request_ids)}",
