@@ -13,6 +13,7 @@ import functools
 import itertools
 import logging
 import secrets
+import socket
 import time
 import zlib
 from collections.abc import Callable
@@ -505,9 +506,9 @@ class Proxy:
                 sent = not isinstance(error, aiohttp.ClientConnectorError)
                 exchange.outcome = "upstream_error"
                 exchange.error_reason = "unreachable"
-                reason = _describe(error)
-                log.warning("upstream %s unreachable: %s", upstream.name, reason)
-                refusal = errors.upstream_unreachable(upstream.name, reason)
+                log.warning("upstream %s unreachable: %s", upstream.name, _describe(error))
+                # The client learns what failed, not where the upstream lives (host, port).
+                refusal = errors.upstream_unreachable(upstream.name, _kind_of_failure(error))
                 return await self._refuse(request, exchange, refusal, family)
             finally:
                 exchange.reached_upstream = sent
@@ -946,6 +947,21 @@ def _received_head_size(upstream_response: aiohttp.ClientResponse) -> int:
     number = f"{version.major}.{version.minor}" if version is not None else "1.1"
     line = f"HTTP/{number} {upstream_response.status} {upstream_response.reason}"
     return received_head_size(line, upstream_response.raw_headers)
+
+
+def _kind_of_failure(error: BaseException) -> str:
+    """What went wrong connecting, in words that name no host, address or port."""
+    if isinstance(error, aiohttp.ClientSSLError):
+        return "the TLS handshake failed"
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "it closed the connection"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        if isinstance(error.os_error, socket.gaierror):
+            return "its name does not resolve"
+        if isinstance(error.os_error, ConnectionRefusedError):
+            return "the connection was refused"
+        return "it cannot be connected to"
+    return "the connection failed"
 
 
 def _describe(error: BaseException) -> str:
