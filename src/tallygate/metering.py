@@ -7,6 +7,7 @@ stops (framing) or skips the event (a malformed event), while the stream goes on
 
 from __future__ import annotations
 
+import codecs
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,9 @@ def read_request(
     if dialect == "none" or not body:
         return facts
     source = body if plain is None else plain
+    utf8 = _as_utf8(source)
+    if utf8 is not source:  # another encoding, or a BOM: metered as read, never rewritten
+        source, plain = utf8, utf8
     try:
         request: Any = orjson.loads(source)
     except orjson.JSONDecodeError:
@@ -104,6 +108,28 @@ def read_request(
             facts.body = orjson.dumps(request)
             facts.usage_requested = True
     return facts
+
+
+def _as_utf8(body: bytes) -> bytes:
+    """JSON as UTF-8 without a byte-order mark, which orjson requires: parsers may accept a BOM
+    and the UTF-16 and UTF-32 that some clients still send (RFC 8259 section 8.1), and so does
+    tallygate's meter. `body` itself when it is plain UTF-8 already (or undecodable)."""
+    if body.startswith(codecs.BOM_UTF8):
+        return body[3:]
+    if body[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):
+        encoding = "utf-32"
+    elif body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        encoding = "utf-16"
+    elif len(body) >= 2 and body[0] and not body[1]:
+        encoding = "utf-16-le"  # "{" then a 0 byte: UTF-16 without a mark
+    elif len(body) >= 2 and not body[0] and body[1]:
+        encoding = "utf-16-be"
+    else:
+        return body
+    try:
+        return body.decode(encoding).encode()
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return body
 
 
 _USAGE_OPTION = b'"stream_options":{"include_usage":true},'

@@ -389,6 +389,13 @@ class Proxy:
         limit = limits.max_request_bytes
         if request.content_length is not None and request.content_length > limit:
             return await self._refuse(request, exchange, errors.too_large(limit), family)
+        if (
+            request.version >= (1, 1)
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            # The client waits for this before it sends the body: only now, once the key, the
+            # route and the size are accepted, so a refusal comes before any upload.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             body = await self._read_body(request, limit, exchange)
         except TimeoutError:
