@@ -391,3 +391,34 @@ async def test_an_answer_pushed_on_an_idle_connection_never_reaches_another_clie
         await writer.drain()
 
     assert await ask_twice(make_proxy, first) == [PUBLIC, PUBLIC]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"],
+    ids=["101", "gzip-transfer-coding"],
+)  # fmt: skip
+async def test_an_answer_that_cannot_be_relayed_faithfully_is_a_502(
+    make_proxy: ProxyFactory, records: RecordLog, head: bytes
+) -> None:
+    coded = zlib.compress(FIRST, wbits=31)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(head + (chunk(coded) + b"0\r\n\r\n" if b"chunked" in head else b""))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        running = await make_proxy(f"http://127.0.0.1:{port}")
+        url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+        async with aiohttp.ClientSession() as client, client.post(url, data=REQUEST) as r:
+            assert r.status == 502
+            body = await r.json()
+    assert body["error"]["code"] == "upstream_invalid_response"
+    await records.wait_for(1)
+    assert (records[0]["outcome"], records[0]["status"]) == ("upstream_error", 502)

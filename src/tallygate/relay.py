@@ -520,6 +520,15 @@ class Proxy:
             finally:
                 exchange.reached_upstream = sent
             watchdog.headers_received()
+            unrelayable = _unrelayable(upstream_response)
+            if unrelayable is not None:
+                upstream_response.close()  # never back to the pool
+                exchange.status = exchange.upstream_status = upstream_response.status
+                exchange.outcome = "upstream_error"
+                exchange.error_reason = "invalid_response"
+                log.warning("upstream %s sent %s", upstream.name, unrelayable)
+                refusal = errors.upstream_invalid(upstream.name)
+                return await self._refuse(request, exchange, refusal, family)
             response, decoder, gzip_policy, meter = self._start_response(
                 request, exchange, upstream_response
             )
@@ -954,6 +963,22 @@ def _received_head_size(upstream_response: aiohttp.ClientResponse) -> int:
     number = f"{version.major}.{version.minor}" if version is not None else "1.1"
     line = f"HTTP/{number} {upstream_response.status} {upstream_response.reason}"
     return received_head_size(line, upstream_response.raw_headers)
+
+
+def _unrelayable(upstream_response: aiohttp.ClientResponse) -> str | None:
+    """What makes an upstream's answer one tallygate cannot pass on faithfully, or None."""
+    if upstream_response.status < 200:
+        # tallygate never asks for an upgrade (Upgrade is hop-by-hop): a 101 is not an answer.
+        return f"a {upstream_response.status} to a request that asked for no upgrade"
+    codings = [
+        coding.strip().lower()
+        for value in upstream_response.headers.getall("Transfer-Encoding", ())
+        for coding in value.split(",")
+    ]
+    if any(coding not in ("chunked", "") for coding in codings):
+        # aiohttp undoes only `chunked`: the body would reach the client still coded, unlabelled.
+        return f"a body in the transfer coding {', '.join(codings)}"
+    return None
 
 
 def _kind_of_failure(error: BaseException) -> str:
