@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import random
+import re
 import tracemalloc
 import zlib
 from collections.abc import Awaitable, Callable
@@ -422,3 +424,51 @@ async def test_an_answer_that_cannot_be_relayed_faithfully_is_a_502(
     assert body["error"]["code"] == "upstream_invalid_response"
     await records.wait_for(1)
     assert (records[0]["outcome"], records[0]["status"]) == ("upstream_error", 502)
+
+
+async def test_a_long_request_is_not_held_while_its_answer_streams(
+    make_proxy: ProxyFactory, records: RecordLog
+) -> None:
+    """A 15 MB prompt: once forwarded and counted, nothing of it stays in tallygate's memory for
+    the rest of the stream (its body, the body with the usage option added, its parsed JSON)."""
+    prompt = {"model": "gpt-4o", "stream": True,
+              "messages": [{"role": "user", "content": "word " * 3_000_000}]}  # fmt: skip
+    body = json.dumps(prompt).encode()
+    first_sent, release = asyncio.Event(), asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+        while length:  # read and forget
+            length -= len(await reader.read(min(length, 2**16)))
+        await first_event(writer)
+        first_sent.set()
+        await release.wait()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        running = await make_proxy(f"http://127.0.0.1:{port}", compression={"gzip": False})
+        url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            async with aiohttp.ClientSession() as client, client.post(url, data=body) as r:
+                assert await r.content.readuntil(b"\n\n") == FIRST
+                held = 0
+                for _ in range(200):  # the prompt is counted in a thread: until it is done
+                    held = tracemalloc.get_traced_memory()[0] - before
+                    if held < len(body) // 3:
+                        break
+                    await asyncio.sleep(0.05)
+                release.set()
+                await r.read()
+        finally:
+            tracemalloc.stop()
+    assert held < len(body) // 3, (
+        f"{held / 2**20:.1f} MiB held for a {len(body) / 2**20:.1f} MiB body"
+    )
+    await records.wait_for(1)
+    assert records[0]["estimated"]["input"] > 3_000_000

@@ -275,23 +275,35 @@ class Proxy:
         exchange.ended = self._loop.time()
         exchange.outcome = exchange.final_outcome()
         facts = exchange.request
-        if facts is not None and facts.parsed is not None:
-            estimate = functools.partial(
-                estimate_input, facts, cast(Dialect, exchange.dialect), self.tokenizers,
-                self.metering, exchange.metering_errors, exchange.request_id,
-            )  # fmt: skip
+        if exchange.counting is None and facts is not None and facts.parsed is not None:
             if self.tokenizers is not None and facts.parsed_size > ESTIMATE_INLINE_BYTES:
-                # tiktoken lets go of the GIL while it encodes: in a thread, a prompt of
-                # megabytes costs the other streams nothing.
-                if self._estimator is None:
-                    self._estimator = ThreadPoolExecutor(1, thread_name_prefix="tallygate-prompt")
-                counted = self._loop.run_in_executor(self._estimator, estimate)
-                self._estimates.add(counted)
-                counted.add_done_callback(self._estimates.discard)
-                counted.add_done_callback(lambda _: self._record(exchange))
-                return
-            estimate()
+                self._count_prompt(exchange)
+            else:
+                estimate_input(
+                    facts, cast(Dialect, exchange.dialect), self.tokenizers, self.metering,
+                    exchange.metering_errors, exchange.request_id,
+                )  # fmt: skip
+        if exchange.counting is not None and not exchange.counting.done():
+            exchange.counting.add_done_callback(lambda _: self._record(exchange))
+            return
         self._record(exchange)
+
+    def _count_prompt(self, exchange: Exchange) -> None:
+        """Count a long prompt in a thread (tiktoken lets go of the GIL while it encodes: the
+        other streams go on), from as soon as the request is forwarded; the parsed body is let
+        go once counted. `finish` writes the record when this is done."""
+        facts = exchange.request
+        assert facts is not None
+        if self._estimator is None:
+            self._estimator = ThreadPoolExecutor(1, thread_name_prefix="tallygate-prompt")
+        estimate = functools.partial(
+            estimate_input, facts, cast(Dialect, exchange.dialect), self.tokenizers,
+            self.metering, exchange.metering_errors, exchange.request_id,
+        )  # fmt: skip
+        counting = self._loop.run_in_executor(self._estimator, estimate)
+        self._estimates.add(counting)
+        counting.add_done_callback(self._estimates.discard)
+        exchange.counting = counting
 
     def _record(self, exchange: Exchange) -> None:
         self.records += 1
@@ -436,6 +448,10 @@ class Proxy:
             # A tallygate-issued key is ours: it never travels upstream.
             drop_client_credentials=identity.by_key,
         )  # fmt: skip
+        if facts.parsed is not None and facts.parsed_size > ESTIMATE_INLINE_BYTES:
+            self._count_prompt(exchange)  # now, in a thread: its text is let go once counted
+        # From here the body lives in `facts` only, which lets it go once it is sent.
+        del body, plain
         return await self._forward(request, exchange, upstream, target, headers, facts.body)
 
     async def _read_body(
@@ -477,6 +493,8 @@ class Proxy:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.timeouts.connect)
         url = upstream_url(upstream.url, target)
         data = body if body or request.method not in _BODYLESS_METHODS else None
+        data_size = len(data) if data is not None else None
+        del body
         response: web.StreamResponse | None = None
         upstream_response: aiohttp.ClientResponse | None = None
         decoder: UpstreamDecoder | None = None
@@ -489,6 +507,10 @@ class Proxy:
                     request.method, URL(url, encoded=True), headers=headers, data=data,
                     allow_redirects=False, timeout=timeout,
                 )  # fmt: skip
+                # Sent: a long body is not held for the rest of the stream.
+                data = None
+                if exchange.request is not None:
+                    exchange.request.body = b""
             except aiohttp.ConnectionTimeoutError:
                 sent = False
                 exchange.outcome = "timeout"
@@ -570,7 +592,7 @@ class Proxy:
             # answer and the first byte to the client.
             if exchange.reached_upstream:
                 exchange.upstream_out = _sent_size(
-                    request.method, url, headers, data, upstream_response
+                    request.method, url, headers, data_size, upstream_response
                 )
             if upstream_response is not None:
                 exchange.upstream_in += _received_head_size(upstream_response)
@@ -940,12 +962,12 @@ def _sent_size(
     method: str,
     url: str,
     headers: CIMultiDict[str],
-    data: bytes | None,
+    data_size: int | None,
     upstream_response: aiohttp.ClientResponse | None,
 ) -> int:
     """The request as aiohttp wrote it to the upstream: its request line, the headers it really
-    sent (ours plus Host and Content-Length), and the body."""
-    body = len(data) if data is not None else 0
+    sent (ours plus Host and Content-Length), and the body (`data_size`: None for none)."""
+    body = data_size or 0
     if upstream_response is not None:
         info = upstream_response.request_info
         line = f"{method} {info.url.raw_path_qs} HTTP/1.1"
@@ -953,7 +975,7 @@ def _sent_size(
     # No response: the same head, rebuilt from what we handed aiohttp.
     parsed = URL(url, encoded=True)
     sent = [*headers.items(), ("Host", parsed.raw_authority)]
-    if data is not None:
+    if data_size is not None:
         sent.append(("Content-Length", str(body)))
     return head_size(f"{method} {parsed.raw_path_qs} HTTP/1.1", sent) + body
 

@@ -6,6 +6,7 @@ object written to the access log (documented field by field in docs/usage-record
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Iterable
@@ -92,6 +93,7 @@ class Exchange:
     upstream_request_id: str | None = None  # the provider's id for the request, if it sent one
     streaming_counted: bool = False  # in tallygate_streams_active
     cors: tuple[CorsPolicy, str] | None = None  # a cross-origin request's policy and origin
+    counting: asyncio.Future[None] | None = None  # a long prompt being counted in a thread
     cost: Cost | None = None
     upstream_status: int = 0  # the upstream's own status, once its head arrived; 0: none came
 
