@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from tallygate import relay
-from tallygate.metering import estimate_input
+from tallygate.metering import ResponseMeter, estimate_input
 
 from conftest import CASES, Case, FakeUpstream, ProxyFactory, RecordLog, expected_usage, gunzip
 
@@ -519,3 +519,42 @@ async def test_a_request_that_inflates_past_the_limit_is_relayed_unread(
         assert response.status == 200  # the upstream's to judge: tallygate relayed it as sent
     await records.wait_for(1)
     assert records[0]["metering_errors"] == {"request": 1}
+
+
+async def test_a_long_answer_is_counted_while_other_requests_go_on(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: RecordLog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A whole JSON answer of a megabyte is counted off the event loop, like a long prompt."""
+    other_recorded = threading.Event()
+    real = ResponseMeter.output_estimate
+
+    def count_after_the_other(meter: ResponseMeter) -> int | None:
+        if meter.uncounted > 100_000:
+            other_recorded.wait(5)  # on the event loop, this would hold every request for 5 s
+        return real(meter)
+
+    monkeypatch.setattr(ResponseMeter, "output_estimate", count_after_the_other)
+    text = "word " * 150_000  # 750 KB: under max_event_bytes, a JSON answer is metered whole
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        long = (await request.json())["messages"] == ["long"]
+        message = {"role": "assistant", "content": text if long else "short"}
+        return web.json_response({"model": "gpt-4o", "choices": [{"index": 0, "message": message,
+                                  "finish_reason": "stop"}]})  # fmt: skip
+
+    upstream.handler = answer
+    running = await make_proxy()
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    for messages in (["long"], ["short"]):
+        async with client.post(url, json={"model": "gpt-4o", "messages": messages}) as response:
+            assert response.status == 200
+            await response.read()
+    await records.wait_for(1)
+    assert records[0]["estimated"]["output"] < 10  # the short one, while the long one counts
+    other_recorded.set()
+    await records.wait_for(2)
+    assert records[1]["estimated"]["output"] >= 150_000  # counted, and the count recorded

@@ -381,7 +381,14 @@ class ResponseMeter:
             return sum(1 for channel in self._counters if channel.startswith("content:"))
         return 0
 
-    def facts(self) -> ResponseFacts:
+    @property
+    def uncounted(self) -> int:
+        """Characters of output text not counted yet (`output_estimate` encodes them)."""
+        return sum(counter.pending for counter in self._counters.values())
+
+    def facts(self, count_output: bool = True) -> ResponseFacts:
+        """What the response said; without `count_output`, no output estimate yet (the caller
+        sets it from `output_estimate()`, off the event loop)."""
         self.settle()
         extractor = self._extractor
         return ResponseFacts(
@@ -389,6 +396,6 @@ class ResponseMeter:
             usage=extractor.usage,
             finish_reason=extractor.finish_reason,
             upstream_errors=list(extractor.errors),
-            estimated_output=self.output_estimate(),
+            estimated_output=self.output_estimate() if count_output else None,
             output_text_seen=self.text_seen,
         )

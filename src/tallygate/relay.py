@@ -52,6 +52,7 @@ from .headers import (
 from .metering import (
     MeteringSettings,
     RequestFacts,
+    ResponseFacts,
     ResponseMeter,
     estimate_input,
     read_request,
@@ -283,10 +284,40 @@ class Proxy:
                     facts, cast(Dialect, exchange.dialect), self.tokenizers, self.metering,
                     exchange.metering_errors, exchange.request_id,
                 )  # fmt: skip
-        if exchange.counting is not None and not exchange.counting.done():
-            exchange.counting.add_done_callback(lambda _: self._record(exchange))
+        waiting = [exchange.counting] if exchange.counting is not None else []
+        if exchange.output_meter is not None:
+            waiting.append(self._in_thread(functools.partial(self._count_output, exchange)))
+        if any(not job.done() for job in waiting):
+            asyncio.gather(*waiting).add_done_callback(lambda _: self._record(exchange))
             return
         self._record(exchange)
+
+    def _response_facts(self, exchange: Exchange, meter: ResponseMeter) -> ResponseFacts:
+        """The response's facts; a long answer's text (a whole JSON answer of megabytes) is
+        counted in `finish`, off the event loop, like a long prompt."""
+        if meter.uncounted > ESTIMATE_INLINE_BYTES:
+            exchange.output_meter = meter
+            return meter.facts(count_output=False)
+        return meter.facts()
+
+    def _count_output(self, exchange: Exchange) -> None:
+        """In the estimator's thread: the long answer's output estimate."""
+        meter, response = exchange.output_meter, exchange.response
+        if meter is not None and response is not None:
+            try:
+                response.estimated_output = meter.output_estimate()
+            except Exception:  # counting fails open: the record goes without the estimate
+                exchange.metering_errors["tokens"] = exchange.metering_errors.get("tokens", 0) + 1
+                log.exception("request %s: output estimate failed", exchange.request_id)
+        exchange.output_meter = None
+
+    def _in_thread(self, work: Callable[[], None]) -> asyncio.Future[None]:
+        if self._estimator is None:
+            self._estimator = ThreadPoolExecutor(1, thread_name_prefix="tallygate-count")
+        done = self._loop.run_in_executor(self._estimator, work)
+        self._estimates.add(done)
+        done.add_done_callback(self._estimates.discard)
+        return done
 
     def _count_prompt(self, exchange: Exchange) -> None:
         """Count a long prompt in a thread (tiktoken lets go of the GIL while it encodes: the
@@ -294,16 +325,11 @@ class Proxy:
         go once counted. `finish` writes the record when this is done."""
         facts = exchange.request
         assert facts is not None
-        if self._estimator is None:
-            self._estimator = ThreadPoolExecutor(1, thread_name_prefix="tallygate-prompt")
         estimate = functools.partial(
             estimate_input, facts, cast(Dialect, exchange.dialect), self.tokenizers,
             self.metering, exchange.metering_errors, exchange.request_id,
         )  # fmt: skip
-        counting = self._loop.run_in_executor(self._estimator, estimate)
-        self._estimates.add(counting)
-        counting.add_done_callback(self._estimates.discard)
-        exchange.counting = counting
+        exchange.counting = self._in_thread(estimate)
 
     def _record(self, exchange: Exchange) -> None:
         self.records += 1
@@ -602,7 +628,7 @@ class Proxy:
             if response is not None:
                 exchange.client_out = _output_size(response)
             if meter is not None and not exchange.detached:
-                exchange.response = meter.facts()
+                exchange.response = self._response_facts(exchange, meter)
             if upstream_response is not None and not exchange.detached:
                 # Closing, not releasing: an unfinished upstream body must not go back to the pool,
                 # and the upstream must see us leave at once.
@@ -848,7 +874,7 @@ class Proxy:
             log.info("drain of %s stopped: %s", exchange.request_id, _describe(error))
         finally:
             upstream_response.close()
-            exchange.response = meter.facts()
+            exchange.response = self._response_facts(exchange, meter)
             self.finish(exchange)
 
     async def drain_tasks(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from .cors import CorsPolicy
 from .dialects import Usage
-from .metering import RequestFacts, ResponseFacts
+from .metering import RequestFacts, ResponseFacts, ResponseMeter
 from .pricing import COST_KINDS, Cost
 
 # How a request ended: the record's `outcome` and the metrics' `outcome` label (docs/metrics.md).
@@ -94,6 +94,7 @@ class Exchange:
     streaming_counted: bool = False  # in tallygate_streams_active
     cors: tuple[CorsPolicy, str] | None = None  # a cross-origin request's policy and origin
     counting: asyncio.Future[None] | None = None  # a long prompt being counted in a thread
+    output_meter: ResponseMeter | None = None  # a long answer, its text to count in a thread
     cost: Cost | None = None
     upstream_status: int = 0  # the upstream's own status, once its head arrived; 0: none came
 
