@@ -259,6 +259,7 @@ class Proxy:
         headers = request.headers if method is None else CIMultiDict[str]()
         agent = headers.get("User-Agent")
         return Exchange(
+            ts=time.time(),
             request_id=f"{self._id_prefix}-{next(self._request_ids)}",
             client_request_id=sane_request_id(headers.get("X-Request-Id")),
             client_address=client_address(

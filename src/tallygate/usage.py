@@ -6,17 +6,19 @@ object written to the access log (documented field by field in docs/usage-record
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
 
 from .cors import CorsPolicy
 from .dialects import Usage
 from .metering import RequestFacts, ResponseFacts, ResponseMeter
 from .pricing import COST_KINDS, Cost
+
+if TYPE_CHECKING:  # the relay's bookkeeping only: the record itself needs no event loop
+    import asyncio
 
 # How a request ended: the record's `outcome` and the metrics' `outcome` label (docs/metrics.md).
 Outcome = Literal[
@@ -61,7 +63,7 @@ class Exchange:
     method: str
     path: str
     started: float  # the event loop's clock
-    ts: float = field(default_factory=time.time)
+    ts: float = 0.0  # when the request arrived (Unix time): the relay's clock, set by it
     route: str = ""
     upstream: str = ""
     dialect: str = "none"
@@ -214,7 +216,7 @@ def _since(start: float, moment: float | None) -> float | None:
 
 
 def _iso(ts: float) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    seconds = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{seconds}.{int(ts % 1 * 1000):03d}Z"
 
 
