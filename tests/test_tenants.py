@@ -94,7 +94,6 @@ def test_identify() -> None:
         == "acme"
     )  # type: ignore[union-attr]
     assert tenants.identify({}, trusted=False).tenant == "anonymous"  # type: ignore[union-attr]
-    assert tenants.label("nobody") == "other"
 
 
 def test_config_wants_hashes_never_keys() -> None:

@@ -21,16 +21,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .compression import DEFAULT_GZIP
 from .cors import CorsPolicy
+from .dialects import DIALECTS
 from .pricing import EgressTier, TokenPrice, parse_token_price
 
 AuthHeader = Literal["authorization", "x-api-key"]
 AUTH_HEADERS: tuple[AuthHeader, ...] = ("authorization", "x-api-key")
 OnDisconnect = Literal["cancel", "drain"]
-DIALECT_CHOICES = (
-    "auto", "openai_chat", "openai_completions", "openai_responses", "anthropic_messages",
-    "ollama_chat", "ollama_generate", "none",
-)  # fmt: skip
+DIALECT_CHOICES = ("auto", *DIALECTS)
 ENCODING_CHOICES = ("o200k_base", "cl100k_base", "p50k_base")
 
 KiB = 1024
@@ -115,13 +114,10 @@ class Metering:
 @dataclass(frozen=True, slots=True)
 class Compression:
     gzip: bool = True
-    level: int = 6
-    # 14 and 5 give 64 KiB + 16 KiB of zlib state per live stream (zlib's formula: 2^(wbits+2) +
-    # 2^(memLevel+9)) and keep 99.7% of the ratio of zlib's defaults (256 KiB) on the corpus
-    # streams. A 4 KiB window (12) saved 56 KiB a stream but sent 6% more bytes, and its small
-    # hash table made level 6 search longer; `python bench/compression_params.py` measures both.
-    window_bits: int = 14
-    mem_level: int = 5
+    # The compressor's own defaults, defined once (compression.GzipSettings says why these).
+    level: int = DEFAULT_GZIP.level
+    window_bits: int = DEFAULT_GZIP.window_bits
+    mem_level: int = DEFAULT_GZIP.mem_level
     # Below this many bytes a response of known length is not worth a gzip header and trailer.
     min_length: int = 1024
 

@@ -11,7 +11,7 @@ import hashlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from itertools import accumulate
-from typing import Any, get_args
+from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -21,11 +21,9 @@ from prometheus_client.utils import floatToGoString
 from . import __version__
 from .pricing import COST_KINDS
 from .tenants import ANONYMOUS, OTHER
-from .usage import Outcome
 
 TOKEN_TYPES = ("input", "output", "cached_input", "cache_write_input", "reasoning")
 DIRECTIONS = ("client_in", "client_out", "upstream_out", "upstream_in")
-OUTCOMES: tuple[str, ...] = get_args(Outcome)  # defined once, with the record (usage.py)
 # The codes of tallygate's own refusals (errors.py), exported at 0 from the start.
 REJECT_REASONS = (
     "invalid_api_key", "route_not_found", "request_too_large", "not_an_open_proxy",

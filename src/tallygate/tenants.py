@@ -63,7 +63,3 @@ class Tenants:
             if named:
                 return Identity(named if named in self.names else OTHER, by_key=False)
         return Identity(ANONYMOUS, by_key=False)
-
-    def label(self, tenant: str) -> str:
-        """A bounded metrics label: a configured name, anonymous, or other."""
-        return tenant if tenant in self.names or tenant == ANONYMOUS else OTHER
