@@ -144,10 +144,11 @@ class GzipEncoder:
         compressor = self._compressor
         if end <= 0:
             return compressor.compress(data)
-        # A sync flush ends the block and adds an empty stored one, which byte-aligns the output
-        # (the 00 00 ff ff marker): every inflater decodes all of it on arrival. A partial flush
-        # is 3 bytes smaller, but leaves its last bits pending, and Go's compress/flate (every Go
-        # program's transparent gzip) waits for them until the next event.
+        # A sync flush ends the block and adds an empty stored one (the 00 00 ff ff marker):
+        # every inflater decodes all of it on arrival. Go's compress/flate (every Go program's
+        # transparent gzip) hands out decoded bytes only at a stored block, a full window or the
+        # end, so a partial flush (an empty compressed block, 3 bytes smaller) left a Go client
+        # waiting for the next event; a stored block's 4 length bytes are the least that works.
         if end == len(data):
             return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
         view = memoryview(data)

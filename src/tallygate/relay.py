@@ -72,6 +72,7 @@ from .usage import (
 )
 
 log = logging.getLogger("tallygate.relay")
+Sink = Callable[[dict[str, Any], Exchange], None]  # a finished request's record goes to each
 UNPRICED_WARNING = (
     "model %r has no price: its tokens cost 0 in records and metrics (priced_as null, counted in "
     "tallygate_unpriced_tokens_total); set its price in pricing.models (once per model)"
@@ -360,19 +361,32 @@ class Proxy:
         except Exception:  # a defect, never the client's doing: logged, and the relay goes on
             log.exception("building the usage record of %s failed", exchange.request_id)
             return
-        model_key = exchange.cost.model_key if exchange.cost is not None else None
         # Each sink on its own: one that fails never keeps the record from the others.
+        for name, sink in self.sinks():
+            try:
+                sink(record, exchange)
+            except Exception:
+                log.exception("the %s sink failed on the record of %s", name, exchange.request_id)
+
+    def sinks(self) -> list[tuple[str, Sink]]:
+        """Everything a finished request's record feeds, in order (the ledger and spend totals
+        join this list)."""
+        found: list[tuple[str, Sink]] = [("access log", self._log), ("metrics", self._observe)]
+        if self.on_record is not None:
+            hook = self.on_record
+            found.append(("on_record", lambda _, exchange: hook(exchange)))
+        return found
+
+    def _log(self, record: dict[str, Any], _: Exchange) -> None:
         try:
             self.access_log.write(record)
         except Exception:
-            self.access_log.failures += 1
-            log.exception("writing the usage record of %s failed", exchange.request_id)
-        try:
-            self.metrics.observe(record, model_key or model, exchange.error_reason)
-        except Exception:
-            log.exception("the metrics of %s failed", exchange.request_id)
-        if self.on_record is not None:
-            self.on_record(exchange)
+            self.access_log.failures += 1  # counted in tallygate_access_log_failures_total
+            raise
+
+    def _observe(self, record: dict[str, Any], exchange: Exchange) -> None:
+        model_key = exchange.cost.model_key if exchange.cost is not None else None
+        self.metrics.observe(record, model_key or exchange.model(), exchange.error_reason)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         family = errors.api_family(request.path)
