@@ -300,9 +300,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         function = getattr(item, "function", None)
         source = inspect.getsource(function) if function is not None else ""
         fixtures = set(getattr(item, "fixturenames", ()))
-        if _SYSTEM.search(source) or (fixtures & {"go_client", "page", "gated"} and (
-            "go_client" in fixtures or "page" in fixtures or "run_client" in source
-        )):
+        if _SYSTEM.search(source) or fixtures & {"go_client", "page"}:
             item.add_marker(pytest.mark.system)
         elif fixtures & _CONTRACT or "start_server" in source or "open_connection" in source:
             item.add_marker(pytest.mark.contract)

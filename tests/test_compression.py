@@ -32,21 +32,55 @@ def event_ends(body: bytes, ndjson: bool) -> list[int]:
     return [m.end() for m in re.finditer(pattern, body)]
 
 
+# The empty stored block that ends a sync flush: its length 0 and the length's complement.
+STORED_EMPTY = b"\x00\x00\xff\xff"
+
+
+class BlockInflater:
+    """An inflater that hands out decoded bytes only up to a stored block, as Go's compress/flate
+    does (short of a full window or the end): the strictest common client. zlib's own inflate
+    decodes past any complete block, so it alone cannot tell a partial flush from a sync flush."""
+
+    def __init__(self) -> None:
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._pending = b""
+
+    def decompress(self, data: bytes) -> bytes:
+        self._pending += data
+        cut = self._pending.rfind(STORED_EMPTY) + len(STORED_EMPTY)
+        if cut < len(STORED_EMPTY):
+            return b""
+        ready, self._pending = self._pending[:cut], self._pending[cut:]
+        return self._inflate.decompress(ready)
+
+    def close(self, tail: bytes) -> bytes:
+        out = self._inflate.decompress(self._pending + tail)
+        assert self._inflate.eof
+        return out
+
+
 def check_streaming(case: Case, pieces: list[bytes]) -> None:
-    """Feeding `pieces` one by one: after each, the client can decode every complete event so far;
-    at the end, it decodes exactly the body."""
+    """Feeding `pieces` one by one: after each, the client can decode every complete event so far,
+    with zlib and with a decoder that waits for a stored block (Go's); at the end, it decodes
+    exactly the body."""
     ndjson = case.content_type == "application/x-ndjson"
     encoder = GzipEncoder(SETTINGS, flush_policy(case.content_type, None))
     inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    strict = BlockInflater()
     ends = event_ends(case.body, ndjson)
-    fed = decoded = 0
+    fed = decoded = released = 0
     for piece in pieces:
-        decoded += len(inflate.decompress(encoder.feed(piece)))
+        out = encoder.feed(piece)
+        decoded += len(inflate.decompress(out))
+        released += len(strict.decompress(out))
         fed += len(piece)
         complete = max((e for e in ends if e <= fed), default=0)
         assert decoded >= complete, f"{case.id}: event ending at {complete} held back"
-    tail = inflate.decompress(encoder.close())
+        assert released >= complete, f"{case.id}: event ending at {complete} held back from Go"
+    last = encoder.close()
+    tail = inflate.decompress(last)
     assert inflate.eof and decoded + len(tail) == len(case.body)
+    assert released + len(strict.close(last)) == len(case.body)
 
 
 def split_at(body: bytes, cuts: list[int]) -> list[bytes]:
@@ -75,6 +109,19 @@ def test_sse_boundaries_in_any_line_ending_mix(parts: list[bytes], data: st.Data
     cuts = data.draw(st.lists(st.integers(1, len(body) - 1), max_size=10)) if len(body) > 1 else []
     case = Case("mix", body, {"content_type": "text/event-stream"}, None)
     check_streaming(case, split_at(body, cuts))
+
+
+def test_each_event_ends_on_a_stored_block_that_every_inflater_decodes_to() -> None:
+    # One event a read: each read's output ends with the empty stored block, and a decoder that
+    # waits for one (Go's compress/flate) has the whole event from that output alone.
+    events = [b'data: {"n":%d,"text":"%s"}\n\n' % (i, b"fox " * i) for i in range(30)]
+    encoder = GzipEncoder(SETTINGS, "sse")
+    strict = BlockInflater()
+    for event in events:
+        out = encoder.feed(event)
+        assert out.endswith(STORED_EMPTY)
+        assert strict.decompress(out) == event
+    assert strict.close(encoder.close()) == b""
 
 
 def test_one_flush_per_read_holding_several_events() -> None:
