@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -392,6 +393,18 @@ class Simulator:
     # -- Ollama chat ----------------------------------------------------------------------------
 
     async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._ollama(
+            request, "ollama_chat", lambda text: {"message": {"role": "assistant", "content": text}}
+        )
+
+    async def ollama_generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._ollama(request, "ollama_generate", lambda text: {"response": text})
+
+    async def _ollama(
+        self, request: web.Request, dialect: Dialect, says: Callable[[str], dict[str, Any]]
+    ) -> web.StreamResponse:
+        """Ollama's NDJSON lines (or one JSON answer): `says` puts the text where the endpoint
+        does (chat: a message; generate: `response`)."""
         body = await self._request(request)
         if self._fails(self.settings.error_rate):
             return web.json_response(
@@ -400,25 +413,21 @@ class Simulator:
             )
         words = self._words()
         model = body.get("model") or "llama3"
-        prompt = self._prompt_tokens("ollama_chat", body)
+        prompt = self._prompt_tokens(dialect, body)
         output = self._output_tokens(body, words)
 
-        def line(content: str, done: bool = False) -> bytes:
+        def line(text: str, done: bool = False) -> bytes:
             message: dict[str, Any] = {
-                "model": model,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "message": {"role": "assistant", "content": content},
-                "done": done,
-            }
+                "model": model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                **says(text), "done": done,
+            }  # fmt: skip
             if done:
-                message.update(
-                    {
-                        "done_reason": "stop",
-                        "total_duration": 1,
-                        "prompt_eval_count": prompt,
-                        "eval_count": output,
-                    }
-                )
+                message.update({
+                    "done_reason": "stop", "total_duration": 1,
+                    "prompt_eval_count": prompt, "eval_count": output,
+                })  # fmt: skip
+                if dialect == "ollama_generate":
+                    message["context"] = []
             return orjson.dumps(message) + b"\n"
 
         if body.get("stream") is False:
@@ -433,41 +442,6 @@ class Simulator:
     async def anthropic_count_tokens(self, request: web.Request) -> web.StreamResponse:
         body = await self._request(request)
         return web.json_response({"input_tokens": self._prompt_tokens("anthropic_messages", body)})
-
-    async def ollama_generate(self, request: web.Request) -> web.StreamResponse:
-        body = await self._request(request)
-        if self._fails(self.settings.error_rate):
-            return web.json_response(
-                {"error": "model is overloaded, please try again"},
-                status=self.settings.error_status or 503,
-            )
-        words = self._words()
-        model = body.get("model") or "llama3"
-        prompt = self._prompt_tokens("ollama_generate", body)
-        output = self._output_tokens(body, words)
-
-        def line(text: str, done: bool = False) -> bytes:
-            message: dict[str, Any] = {
-                "model": model,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "response": text,
-                "done": done,
-            }
-            if done:
-                message.update({
-                    "done_reason": "stop", "context": [], "total_duration": 1,
-                    "prompt_eval_count": prompt, "eval_count": output,
-                })  # fmt: skip
-            return orjson.dumps(message) + b"\n"
-
-        if body.get("stream") is False:
-            await asyncio.sleep(self.settings.ttft)
-            return web.Response(
-                body=line("".join(words), done=True)[:-1], content_type="application/json"
-            )
-        return await self._stream(
-            request, "application/x-ndjson", [line(w) for w in words], [line("", done=True)]
-        )
 
     async def ollama_tags(self, request: web.Request) -> web.StreamResponse:
         """The models this upstream has, as Ollama lists them."""
