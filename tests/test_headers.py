@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from tallygate.headers import ClientSide, client_address, upstream_request_headers
 from tallygate.routing import prefix_matches
@@ -278,16 +279,19 @@ def test_client_address_behind_trusted_proxies() -> None:
     import ipaddress
 
     trusted = (ipaddress.ip_network("10.0.0.0/8"),)
-    assert client_address("203.0.113.9", ["1.2.3.4"], trusted) == "203.0.113.9"  # not believed
-    assert client_address("10.0.0.2", [], trusted) == "10.0.0.2"
-    assert client_address("10.0.0.2", ["198.51.100.7"], trusted) == "198.51.100.7"
+
+    def address(peer: str | None, *forwarded: str) -> str | None:
+        headers = CIMultiDict([("X-Forwarded-For", value) for value in forwarded])
+        return client_address(peer, headers, trusted)
+
+    assert address("203.0.113.9", "1.2.3.4") == "203.0.113.9"  # not believed
+    assert address("10.0.0.2") == "10.0.0.2"
+    assert address("10.0.0.2", "198.51.100.7") == "198.51.100.7"
     # A client may write anything left of the first untrusted hop: the rightmost untrusted wins.
-    assert (
-        client_address("10.0.0.2", ["6.6.6.6, 198.51.100.7, 10.0.0.9"], trusted) == "198.51.100.7"
-    )
-    assert client_address("10.0.0.2", ["6.6.6.6", "198.51.100.7"], trusted) == "198.51.100.7"
-    assert client_address("10.0.0.2", ["junk, 10.0.0.9"], trusted) == "10.0.0.9"
-    assert client_address(None, ["1.2.3.4"], trusted) is None
+    assert address("10.0.0.2", "6.6.6.6, 198.51.100.7, 10.0.0.9") == "198.51.100.7"
+    assert address("10.0.0.2", "6.6.6.6", "198.51.100.7") == "198.51.100.7"
+    assert address("10.0.0.2", "junk, 10.0.0.9") == "10.0.0.9"
+    assert address(None, "1.2.3.4") is None
 
 
 async def test_the_record_names_the_client_and_its_user_agent(

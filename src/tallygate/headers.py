@@ -61,15 +61,14 @@ def is_trusted(peer: str | None, trusted: tuple[Network, ...]) -> bool:
     return any(address in network for network in trusted)
 
 
-def client_address(
-    peer: str | None, forwarded_for: list[str], trusted: tuple[Network, ...]
-) -> str | None:
+def client_address(peer: str | None, headers: Headers, trusted: tuple[Network, ...]) -> str | None:
     """Who the client is: the peer, or, when the peer is a trusted proxy, the rightmost address of
     `X-Forwarded-For` that is not one (nginx's `real_ip_recursive`): what a client writes into
     the header itself is never believed past the first untrusted hop."""
     address = peer
     if not is_trusted(peer, trusted):
         return address
+    forwarded_for = headers.getall("X-Forwarded-For", ())
     hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
     for hop in reversed(hops):
         try:

@@ -263,9 +263,7 @@ class Proxy:
             ts=time.time(),
             request_id=f"{self._id_prefix}-{next(self._request_ids)}",
             client_request_id=sane_request_id(headers.get("X-Request-Id")),
-            client_address=client_address(
-                request.remote, headers.getall("X-Forwarded-For", []), self.config.trusted_proxies
-            ),
+            client_address=client_address(request.remote, headers, self.config.trusted_proxies),
             user_agent=agent[:USER_AGENT_CHARS] if agent is not None else None,
             method=request.method if method is None else method,
             path=request.path if path is None else path,
@@ -1033,6 +1031,9 @@ def _unrelayable(upstream_response: aiohttp.ClientResponse) -> str | None:
     if upstream_response.status < 200:
         # tallygate never asks for an upgrade (Upgrade is hop-by-hop): a 101 is not an answer.
         return f"a {upstream_response.status} to a request that asked for no upgrade"
+    coding = upstream_response.headers.get("Transfer-Encoding")
+    if coding is None or coding == "chunked":  # nearly every answer: nothing more to look at
+        return None
     codings = [
         coding.strip().lower()
         for value in upstream_response.headers.getall("Transfer-Encoding", ())
