@@ -6,7 +6,9 @@ share of faulty upstreams and of clients that leave, for a fixed time; then the 
 The upstream (in this process, on the load core) answers request n, deterministically:
 n % 20 == 0: a 500 with a JSON error; == 1: dies half-way through the stream; == 2: hangs
 after its first event (tallygate's idle timeout, 1 s here, cuts it); otherwise the whole
-stream. Clients with n % 10 == 5 leave after the first event; half ask for gzip.
+stream. Clients with n % 10 == 5 leave after the first event; half ask for gzip. Hostile clients
+(raw HTTP, each expecting the whole stream): n % 20 == 7 sends an X-Request-Id with a byte above
+0x7F, == 9 spells the path `/v1/chat/%63ompletions`, == 11 sends such a byte in its key.
 
 At the end it checks, and exits non-zero if one fails:
 - every byte of every completed stream arrived (each is compared with what the upstream sent);
@@ -26,6 +28,7 @@ import collections
 import itertools
 import json
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -101,6 +104,30 @@ class Tally:
         self.failures: list[str] = []
 
 
+HOSTILE = {
+    7: (b"/v1/chat/completions", b"X-Request-Id: caf\xe9\r\n"),  # a byte JSON cannot hold
+    9: (b"/v1/chat/%63ompletions", b""),  # the path spelled to dodge metering
+    11: (b"/v1/chat/completions", b"Authorization: Bearer k\xe9y\r\n"),  # such a byte in a key
+}
+
+
+async def hostile(url: str, n: int, body: bytes, count: int, tally: Tally) -> None:
+    """A raw HTTP client (aiohttp would not send these bytes) that expects the whole stream."""
+    path, extra = HOSTILE[n % 20]
+    port = int(url.split(":")[2].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST " + path + b" HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n" + extra
+        + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )  # fmt: skip
+    answer = await reader.read()
+    writer.close()
+    head, _, chunked = answer.partition(b"\r\n\r\n")
+    plain = b"".join(re.findall(rb"[0-9a-f]+\r\n(.*?)\r\n", chunked, re.S))
+    if not head.startswith(b"HTTP/1.1 200") or plain != b"".join(events(n, count)):
+        tally.failures.append(f"{n}: hostile client {n % 20}: {head[:40]!r}")
+
+
 async def one(session: aiohttp.ClientSession, url: str, n: int, count: int, tally: Tally) -> None:
     kind = kind_of(n)
     tally.requests += 1
@@ -108,6 +135,10 @@ async def one(session: aiohttp.ClientSession, url: str, n: int, count: int, tall
     body = json.dumps({"model": "gpt-4o-mini", "stream": True, "seed": n,
                        "stream_options": {"include_usage": True},
                        "messages": [{"role": "user", "content": "soak"}]})  # fmt: skip
+    if n % 20 in HOSTILE:
+        tally.kinds["hostile"] += 1
+        await hostile(url, n, body.encode(), count, tally)
+        return
     headers = {"Accept-Encoding": "gzip" if n % 2 else "identity"}
     expected = b"".join(events(n, count))
     received = b""
@@ -200,6 +231,8 @@ async def main_async(args: argparse.Namespace, scratch: Path) -> int:
     assert isinstance(tally, Tally)
     records = [json.loads(line) for line in access_log.read_text().splitlines()]
     outcomes = collections.Counter(r["outcome"] for r in records)
+    # Every request metered as what it is: the hostile path spellings included.
+    unmetered = [r for r in records if r["dialect"] != "openai_chat"]
     baseline, peak = int(result["baseline"]), int(result["peak"])  # type: ignore[call-overload]
     after = list(result["after"])  # type: ignore[call-overload]
     mib = 2**20
@@ -225,6 +258,8 @@ async def main_async(args: argparse.Namespace, scratch: Path) -> int:
         problems.append(f"{len(tally.failures)} streams not delivered exactly")
     if len(records) != tally.requests:
         problems.append(f"{len(records)} usage records for {tally.requests} requests")
+    if unmetered:
+        problems.append(f"{len(unmetered)} requests not metered as chat completions")
     if after[-1] > 1.5 * baseline:
         problems.append(f"RSS after the load {after[-1] / mib:.1f} MiB > 1.5x baseline")
     if len(after) > 1 and after[-1] > 1.05 * after[0]:

@@ -74,7 +74,8 @@ FAST_RESPONSE = HEAD + b"".join(CHUNKS) + LAST
 class Upstream(asyncio.Protocol):
     def __init__(self, pace: float) -> None:
         self.pace = pace
-        self.buffer = b""
+        self.buffer = bytearray()
+        self.need = 0  # bytes the request being read still lacks (its body): skip the search
         self.busy = False
         self.transport: asyncio.Transport | None = None
 
@@ -83,6 +84,8 @@ class Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if self.need > len(self.buffer):
+            return
         self._serve()
 
     def _serve(self) -> None:
@@ -90,14 +93,16 @@ class Upstream(asyncio.Protocol):
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
-            head = self.buffer[:end].lower()
+            head = bytes(self.buffer[:end]).lower()
             length = 0
             at = head.find(b"content-length:")
             if at >= 0:
                 length = int(head[at + 15 :].split(b"\r\n", 1)[0])
             if len(self.buffer) < end + 4 + length:
+                self.need = end + 4 + length
                 return
-            self.buffer = self.buffer[end + 4 + length :]
+            self.need = 0
+            del self.buffer[: end + 4 + length]
             assert self.transport is not None
             if self.pace <= 0:
                 self.transport.write(FAST_RESPONSE)

@@ -274,3 +274,35 @@ async def start_serve(
                 found = (int(match[1]), int(match[2]), line)
             serving += "worker " in line and " serving" in line
     return proc, found[0], found[1], found[2]
+
+
+# The kinds of test, as pytest markers (`pytest -m unit` runs in seconds):
+# - system: real processes (tallygate serve/demo, Go, Node, curl, Chromium, Prometheus);
+# - contract: tallygate in this process, with real sockets, clients and upstreams;
+# - unit: pure functions, no socket.
+_SYSTEM = re.compile(r"subprocess|start_serve|Prometheus|CHROMIUM|run_client|sys\.executable")
+_CONTRACT = {"make_proxy", "upstream", "client", "running_proxy"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for kind, what in (
+        ("unit", "pure functions, no socket: seconds"),
+        ("contract", "tallygate in this process, with real sockets, clients and upstreams"),
+        ("system", "real processes: tallygate serve/demo, Go, Node, curl, Chromium, Prometheus"),
+    ):
+        config.addinivalue_line("markers", f"{kind}: {what}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if _SYSTEM.search(source) or fixtures & {"go_client", "page"}:
+            item.add_marker(pytest.mark.system)
+        elif fixtures & _CONTRACT or "start_server" in source or "open_connection" in source:
+            item.add_marker(pytest.mark.contract)
+        else:
+            item.add_marker(pytest.mark.unit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
+from test_metrics import by_labels, samples
 
 from tallygate.accesslog import AccessLog
 
@@ -70,3 +73,39 @@ async def test_records_reach_the_file_at_shutdown(
     records: list[dict[str, Any]] = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["status"], r["outcome"]) for r in records] == [(200, "ok"), (404, "rejected")]
     assert records[1]["bytes"]["client_out"] > 0
+
+
+def test_a_lone_surrogate_is_written_escaped(tmp_path: Path) -> None:
+    """aiohttp keeps a header's undecodable byte as a lone surrogate, which JSON cannot hold."""
+    path = tmp_path / "access.jsonl"
+    log = AccessLog(str(path))
+    log.write({"request_id": "a\udce9b", "n": [1, "\ud800"]})
+    log.close()
+    assert json.loads(path.read_text()) == {"request_id": "a\\udce9b", "n": [1, "\\ud800"]}
+
+
+async def test_an_undecodable_header_byte_still_leaves_the_record_and_its_metrics(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    async def ok(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"model": "gpt-4o", "choices": []})
+
+    upstream.handler = ok
+    path = tmp_path / "log.jsonl"
+    running = await make_proxy(access_log=str(path))
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy_port)
+    body = b'{"model":"gpt-4o","messages":[]}'
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Request-Id: caf\xe9\r\nUser-Agent: agent\xff\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    assert (await reader.read()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    await running.drain_and_stop()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 1 and records[0]["status"] == 200
+    text = generate_latest(running.proxy.metrics.registry).decode()
+    requests = by_labels(samples(text), "tallygate_requests_total")
+    assert [dict(labels)["code"] for labels in requests] == ["200"]

@@ -18,6 +18,7 @@ from tallygate.compression import (
     UpstreamDecoder,
     accepts_gzip,
     flush_policy,
+    inflate_request,
     is_compressible,
 )
 
@@ -31,21 +32,55 @@ def event_ends(body: bytes, ndjson: bool) -> list[int]:
     return [m.end() for m in re.finditer(pattern, body)]
 
 
+# The empty stored block that ends a sync flush: its length 0 and the length's complement.
+STORED_EMPTY = b"\x00\x00\xff\xff"
+
+
+class BlockInflater:
+    """An inflater that hands out decoded bytes only up to a stored block, as Go's compress/flate
+    does (short of a full window or the end): the strictest common client. zlib's own inflate
+    decodes past any complete block, so it alone cannot tell a partial flush from a sync flush."""
+
+    def __init__(self) -> None:
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._pending = b""
+
+    def decompress(self, data: bytes) -> bytes:
+        self._pending += data
+        cut = self._pending.rfind(STORED_EMPTY) + len(STORED_EMPTY)
+        if cut < len(STORED_EMPTY):
+            return b""
+        ready, self._pending = self._pending[:cut], self._pending[cut:]
+        return self._inflate.decompress(ready)
+
+    def close(self, tail: bytes) -> bytes:
+        out = self._inflate.decompress(self._pending + tail)
+        assert self._inflate.eof
+        return out
+
+
 def check_streaming(case: Case, pieces: list[bytes]) -> None:
-    """Feeding `pieces` one by one: after each, the client can decode every complete event so far;
-    at the end, it decodes exactly the body."""
+    """Feeding `pieces` one by one: after each, the client can decode every complete event so far,
+    with zlib and with a decoder that waits for a stored block (Go's); at the end, it decodes
+    exactly the body."""
     ndjson = case.content_type == "application/x-ndjson"
     encoder = GzipEncoder(SETTINGS, flush_policy(case.content_type, None))
     inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    strict = BlockInflater()
     ends = event_ends(case.body, ndjson)
-    fed = decoded = 0
+    fed = decoded = released = 0
     for piece in pieces:
-        decoded += len(inflate.decompress(encoder.feed(piece)))
+        out = encoder.feed(piece)
+        decoded += len(inflate.decompress(out))
+        released += len(strict.decompress(out))
         fed += len(piece)
         complete = max((e for e in ends if e <= fed), default=0)
         assert decoded >= complete, f"{case.id}: event ending at {complete} held back"
-    tail = inflate.decompress(encoder.close())
+        assert released >= complete, f"{case.id}: event ending at {complete} held back from Go"
+    last = encoder.close()
+    tail = inflate.decompress(last)
     assert inflate.eof and decoded + len(tail) == len(case.body)
+    assert released + len(strict.close(last)) == len(case.body)
 
 
 def split_at(body: bytes, cuts: list[int]) -> list[bytes]:
@@ -76,6 +111,19 @@ def test_sse_boundaries_in_any_line_ending_mix(parts: list[bytes], data: st.Data
     check_streaming(case, split_at(body, cuts))
 
 
+def test_each_event_ends_on_a_stored_block_that_every_inflater_decodes_to() -> None:
+    # One event a read: each read's output ends with the empty stored block, and a decoder that
+    # waits for one (Go's compress/flate) has the whole event from that output alone.
+    events = [b'data: {"n":%d,"text":"%s"}\n\n' % (i, b"fox " * i) for i in range(30)]
+    encoder = GzipEncoder(SETTINGS, "sse")
+    strict = BlockInflater()
+    for event in events:
+        out = encoder.feed(event)
+        assert out.endswith(STORED_EMPTY)
+        assert strict.decompress(out) == event
+    assert strict.close(encoder.close()) == b""
+
+
 def test_one_flush_per_read_holding_several_events() -> None:
     events = [b'data: {"n":%d}\n\n' % i for i in range(20)]
     together = GzipEncoder(SETTINGS, "sse")
@@ -95,7 +143,13 @@ def test_known_length_body_is_not_flushed_until_the_end() -> None:
 
 
 def test_compressor_state_is_bounded_by_the_defaults() -> None:
-    assert SETTINGS.state_bytes() <= 32 * 1024
+    """The defaults tested here are the ones tallygate runs with (defined once), and their
+    state is the 80 KiB docs/configuration.md sizes a live stream with."""
+    from tallygate.config import Compression
+
+    configured = Compression()
+    assert GzipSettings(configured.level, configured.window_bits, configured.mem_level) == SETTINGS
+    assert SETTINGS.state_bytes() == 80 * 1024
 
 
 def test_ratio_of_the_defaults_on_the_corpus_is_at_least_90_percent_of_zlibs() -> None:
@@ -175,3 +229,37 @@ def test_upstream_decoder(coding: str) -> None:
 def test_upstream_decoder_refuses_unknown_codings() -> None:
     with pytest.raises(ValueError, match="br"):
         UpstreamDecoder("br")
+
+
+def test_upstream_decoder_output_is_bounded_per_call() -> None:
+    """A gzip bomb comes out a piece at a time, whole and in order, across `feed` and `more`."""
+    plain = bytes(range(256)) * 4096 + b"\0" * 2**22
+    decoder = UpstreamDecoder("gzip", limit=10_000)
+    pieces = [decoder.feed(gzip.compress(plain))]
+    while decoder.pending:
+        pieces.append(decoder.more())
+    pieces.append(decoder.close())
+    assert max(map(len, pieces)) <= 10_000
+    assert b"".join(pieces) == plain
+
+
+def test_inflate_request_is_bounded_and_knows_its_codings() -> None:
+    plain = b'{"model":"gpt-4o"}' * 100
+    assert inflate_request(gzip.compress(plain), "gzip", len(plain)) == plain
+    assert inflate_request(zlib.compress(plain), "deflate", len(plain)) == plain
+    raw = zlib.compressobj(wbits=-15)
+    assert inflate_request(raw.compress(plain) + raw.flush(), "deflate", len(plain)) == plain
+    assert inflate_request(gzip.compress(plain), "gzip", len(plain) - 1) is None  # past the limit
+    assert inflate_request(gzip.compress(plain)[:-9], "gzip", len(plain)) is None  # cut short
+    assert inflate_request(b"not gzip", "gzip", 100) is None
+    assert inflate_request(plain, "br", len(plain)) is None
+
+
+def test_every_flush_is_byte_aligned_for_every_inflater() -> None:
+    """A flush must leave no bits pending: Go's compress/flate decodes only whole bytes of a
+    block it has seen end, so the output at each event must end with a sync flush's empty
+    stored block (00 00 ff ff), not a partial flush's empty static block."""
+    encoder = GzipEncoder(GzipSettings(), "sse")
+    for case in CASES[:10]:
+        for event in re.findall(rb".*?\n\n", case.body, re.S)[:20]:
+            assert encoder.feed(event).endswith(b"\x00\x00\xff\xff"), case.id

@@ -101,7 +101,7 @@ def test_every_problem_is_reported_with_its_key() -> None:
     assert sorted(problems(text)) == sorted(
         [
             "admin.lisen: unknown key (did you mean 'listen'?)",
-            "upstreams.a.timeouts.idle: expected a duration like 250ms, 30s or 5m, got 'soon'",
+            "upstreams.a.timeouts.idle: expected a duration like 250ms, 30s, 5m or 2h30m, got 'soon'",
             "routes[0].dialekt: unknown key (did you mean 'dialect'?)",
             "listen: expected host:port, got 'nowhere'",
             "compression.level: must be from 1 to 9, got 11",
@@ -117,7 +117,7 @@ def test_structure_problems() -> None:
         "routes: at least one route is required (a list)",
     ]
     assert problems("- a\n- b\n")[0] == "config: expected a mapping, got a list"
-    assert problems("a: [\n")[0].startswith("config: not valid YAML")
+    assert problems("a: [\n")[0].startswith("config:2:1: not valid YAML")
     assert problems(MINIMAL + "admin: {listen: '127.0.0.1:8080'}\n") == [
         "admin.listen: must differ from listen (127.0.0.1:8080)"
     ]

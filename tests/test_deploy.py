@@ -9,12 +9,17 @@ from typing import Any
 
 import yaml
 
+from tallygate.checks import config_warnings
 from tallygate.config import Config, load_config_text
 
 from conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
-ENV = {"OPENAI_API_KEY": "sk-test", "ANTHROPIC_API_KEY": "sk-ant-test"}
+ENV = {
+    "OPENAI_API_KEY": "sk-test",
+    "ANTHROPIC_API_KEY": "sk-ant-test",
+    "APPS_KEY_SHA256": "ab" * 32,
+}
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -37,7 +42,11 @@ def pod_checks(docs: list[dict[str, Any]], container_name: str) -> tuple[Config,
     assert pod["terminationGracePeriodSeconds"] > config.shutdown_grace
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert env["TALLYGATE_CONFIG"] in mounts
+    # The ConfigMap's directory, never a subPath: a subPath mount is never updated, and a reload
+    # (SIGHUP) would read the old file forever.
+    assert str(Path(env["TALLYGATE_CONFIG"]).parent) in mounts
+    assert not any("subPath" in m for m in container["volumeMounts"])
+    assert config_warnings(config) == []  # no open relay of the provider keys, no dead route
     assert "/tmp" in mounts  # read-only root: the workers' runtime directory lives here
     assert container["securityContext"]["runAsNonRoot"] is True
     return config, pod
@@ -74,11 +83,17 @@ def test_edge_deployment_service_budget_and_autoscaler() -> None:
     monitor = by_kind(docs, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert config.workers >= 1 and config.listen.host == "0.0.0.0"
+    # Keys injected for whoever reaches the Service: only for clients with a tallygate key.
+    assert config.require_key and all(u.api_key for u in config.upstreams.values())
 
 
 def test_dockerfile_and_its_config() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    config = load_config_text((DEPLOY / "docker" / "config.yaml").read_text(), {})
+    text = (DEPLOY / "docker" / "config.yaml").read_text()
+    config = load_config_text(text, {})
+    # On a published port, the image never injects provider keys for anyone who reaches it.
+    assert config_warnings(load_config_text(text, ENV)) == []
+    assert not any(u.api_key for u in load_config_text(text, ENV).upstreams.values())
     assert f"TALLYGATE_CONFIG={'/etc/tallygate/config.yaml'}" in dockerfile
     assert "COPY deploy/docker/config.yaml /etc/tallygate/config.yaml" in dockerfile
     exposed = {int(p) for p in re.findall(r"^EXPOSE (.+)$", dockerfile, re.M)[0].split()}

@@ -13,10 +13,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tallygate.headers import ClientSide, upstream_request_headers
+from tallygate.headers import ClientSide, client_address, upstream_request_headers
 from tallygate.routing import prefix_matches
+from tallygate.tenants import hash_key
 
-from conftest import FakeUpstream, ProxyFactory
+from conftest import ROOT, FakeUpstream, ProxyFactory, RecordLog
 
 SECRET = "sk-proj-TALLYGATE-TEST-SECRET-0123456789"
 
@@ -105,7 +106,9 @@ async def test_hop_by_hop_response_headers_are_stripped(
             names = {k.lower() for k in r.headers}
     assert names.isdisjoint({"x-upstream-hop", "keep-alive", "proxy-authenticate", "trailer",
                              "upgrade"})  # fmt: skip
-    assert r.headers["X-Request-Id"] == "req_123"
+    # The provider's id goes on under its own name: X-Request-Id is the one in our record.
+    assert r.headers["X-Upstream-Request-Id"] == "req_123"
+    assert r.headers["X-Request-Id"] != "req_123"
     assert r.headers["Content-Length"] == "2"
 
 
@@ -215,3 +218,117 @@ def test_route_prefixes_match_whole_segments() -> None:
     assert not prefix_matches("/v1/messages", "/v1/messagesX")
     assert prefix_matches("/", "/anything")
     assert prefix_matches("/v1/", "/v1")
+
+
+async def test_every_response_carries_the_request_id_of_its_record(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
+    records: RecordLog,
+) -> None:  # fmt: skip
+    async def ok(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"ok": True}, headers={"Request-Id": "req_anthropic"})
+
+    upstream.handler = ok
+    running = await make_proxy(
+        routes=[{"path_prefix": "/v1/", "upstream": "main"}],
+        tenants={"acme": {"keys": [hash_key("tg-key")]}}, auth={"require_key": True},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{running.proxy_port}"
+    key = {"Authorization": "Bearer tg-key"}
+    cases = [
+        ("/v1/models", {**key, "X-Request-Id": "client-7"}, 200),  # the client's, kept
+        ("/v1/models", key, 200),  # none sent: tallygate's
+        ("/v1/models", {**key, "X-Request-Id": "has space"}, 200),  # not sane: tallygate's
+        ("/v1/models", {**key, "X-Request-Id": "x" * 201}, 200),
+        ("/v1/models", {"X-Request-Id": "client-8"}, 401),  # refused: the id all the same
+        ("/elsewhere", key, 404),
+    ]
+    answered = []
+    for path, headers, status in cases:
+        async with client.get(base + path, headers=headers) as r:
+            assert r.status == status
+            answered.append(r.headers["X-Request-Id"])
+    await records.wait_for(len(cases))
+    for record, said, (_, headers, _) in zip(records, answered, cases, strict=True):
+        sent = headers.get("X-Request-Id")
+        kept = sent if sent in ("client-7", "client-8") else None
+        assert record["client_request_id"] == kept
+        assert said == (kept or record["request_id"])
+    assert records[0]["upstream_request_id"] == "req_anthropic"
+    own = [r["request_id"] for r in records]
+    assert len(set(own)) == len(own)
+
+
+async def test_request_ids_are_unique_across_restarts(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
+    records: RecordLog,
+) -> None:  # fmt: skip
+    async def ok(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"ok": True})
+
+    upstream.handler = ok
+    for _ in range(2):  # two processes' worth of proxies: the counter starts again at 1
+        running = await make_proxy()
+        async with client.get(f"http://127.0.0.1:{running.proxy_port}/v1/models") as r:
+            assert r.status == 200
+    await records.wait_for(2)
+    assert records[0]["request_id"] != records[1]["request_id"]
+
+
+def test_client_address_behind_trusted_proxies() -> None:
+    import ipaddress
+
+    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert client_address("203.0.113.9", ["1.2.3.4"], trusted) == "203.0.113.9"  # not believed
+    assert client_address("10.0.0.2", [], trusted) == "10.0.0.2"
+    assert client_address("10.0.0.2", ["198.51.100.7"], trusted) == "198.51.100.7"
+    # A client may write anything left of the first untrusted hop: the rightmost untrusted wins.
+    assert (
+        client_address("10.0.0.2", ["6.6.6.6, 198.51.100.7, 10.0.0.9"], trusted) == "198.51.100.7"
+    )
+    assert client_address("10.0.0.2", ["6.6.6.6", "198.51.100.7"], trusted) == "198.51.100.7"
+    assert client_address("10.0.0.2", ["junk, 10.0.0.9"], trusted) == "10.0.0.9"
+    assert client_address(None, ["1.2.3.4"], trusted) is None
+
+
+async def test_the_record_names_the_client_and_its_user_agent(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
+    records: RecordLog,
+) -> None:  # fmt: skip
+    async def ok(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"ok": True})
+
+    upstream.handler = ok
+    plain = await make_proxy()
+    behind = await make_proxy(trusted_proxies=["127.0.0.1/32"])
+    headers = {"User-Agent": "chat-app/1.0 " + "x" * 400, "X-Forwarded-For": "198.51.100.7"}
+    for running in (plain, behind):
+        async with client.get(
+            f"http://127.0.0.1:{running.proxy_port}/v1/models", headers=headers
+        ) as r:
+            assert r.status == 200
+    await records.wait_for(2)
+    assert [r["client_address"] for r in records] == ["127.0.0.1", "198.51.100.7"]
+    assert records[0]["user_agent"] == headers["User-Agent"][:256]
+
+
+def test_the_documented_record_has_every_field_of_a_real_one(
+) -> None:  # fmt: skip
+    import json as jsonlib
+    import re
+
+    from tallygate.usage import Exchange
+
+    doc = (ROOT / "docs" / "usage-record.md").read_text()
+    example = jsonlib.loads(re.search(r"```json\n(.*?)```", doc, re.S)[1])  # type: ignore[index]
+    real = Exchange(request_id="x", method="POST", path="/", started=0.0)
+    real.ended = 1.0
+    record = real.record()
+
+    def shape(node: object) -> object:
+        if isinstance(node, dict):
+            return {k: shape(v) for k, v in node.items() if k not in ("metering_errors",)}
+        return None
+
+    assert shape(example) == shape(record)
+    for field in record:
+        assert f"`{field}`" in doc or f"`{field}." in doc or f", `{field}`" in doc, field

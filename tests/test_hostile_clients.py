@@ -19,6 +19,8 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tallygate.tenants import hash_key
+
 from conftest import CASES, FakeUpstream, ProxyFactory, RecordLog
 
 KEY = "sk-proj-HOSTILE-CLIENT-KEY-4d1e9b"
@@ -109,7 +111,8 @@ async def test_unparsable_requests_get_a_json_answer_and_a_record(
 @pytest.mark.parametrize(
     "path",
     [b"/v1/../admin", b"/v1/%2e%2E/admin", b"/v1/.%2e/admin", b"/v1/./x", b"/v1/..;/admin",
-     b"/v1/models%2F..%2Fadmin", b"/v1/a%5cb", b"/v1\\..\\admin", b"/v1/a%00b"],
+     b"/v1/models%2F..%2Fadmin", b"/v1/a%5cb", b"/v1\\..\\admin", b"/v1/a%00b",
+     b"/v1/..#x", b"/v1/chat/completions#x", b"/v1/models?q=1#x", b"/v1/%2E%2e/admin"],
 )  # fmt: skip
 async def test_paths_that_could_escape_a_route_are_refused(
     upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog, path: bytes
@@ -127,6 +130,33 @@ async def test_paths_that_could_escape_a_route_are_refused(
     assert upstream.requests == []
     await records.wait_for(1)
     assert records[0]["rejected_reason"] == "path_refused"
+
+
+@pytest.mark.parametrize(
+    ("path", "seen", "dialect"),
+    [(b"/v1/chat/%63ompletions", "/v1/chat/completions", "openai_chat"),
+     (b"/v1/chat/c%6Fmpletions?x=%41", "/v1/chat/completions?x=%41", "openai_chat"),
+     (b"/v1/%6Dessages", "/anthropic/v1/messages", "anthropic_messages")],
+)  # fmt: skip
+async def test_an_escaped_spelling_is_routed_metered_and_forwarded_as_the_path_it_means(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog,
+    path: bytes, seen: str, dialect: str,
+) -> None:  # fmt: skip
+    upstream.handler = ok_json
+    running = await make_proxy(
+        routes=[{"path_prefix": "/v1/messages", "upstream": "anthropic"},
+                {"path_prefix": "/v1/", "upstream": "main"}],
+        upstreams={"main": {"url": upstream.url}, "anthropic": {"url": upstream.url + "/anthropic"}},
+    )  # fmt: skip
+    status, _, _ = parse(
+        await exchange(running.proxy_port, request(path, b"Connection: close\r\n"))
+    )
+    assert status == 200
+    [(forwarded, _)] = upstream.requests
+    assert forwarded.raw_path == seen
+    await records.wait_for(1)
+    assert records[0]["dialect"] == dialect
+    assert records[0]["estimated"]["input"] is not None  # metered as what it is
 
 
 async def test_ordinary_paths_with_dots_and_escapes_pass(
@@ -469,3 +499,54 @@ async def test_bytes_above_0x7f_in_the_path_and_headers_get_an_answer_and_exact_
         record = records[-1]
         assert record["bytes"]["client_in"] == len(data)
         assert record["bytes"]["client_out"] == len(answer)
+
+
+async def test_expect_100_continue_is_answered_after_the_checks(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog
+) -> None:
+    upstream.handler = ok_json
+    running = await make_proxy(
+        tenants={"acme": {"keys": [hash_key(KEY)]}}, auth={"require_key": True}
+    )
+    body = b'{"model":"gpt-4o","messages":[]}'
+
+    async def ask(key: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy_port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\n" + key + b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        await writer.drain()
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # curl waits 1 s
+        return reader, writer, first
+
+    reader, writer, first = await ask(b"Authorization: Bearer %s\r\n" % KEY.encode())
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(body)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    reader, writer, first = await ask(b"")  # no key: refused before the body is sent
+    assert first.startswith(b"HTTP/1.1 401")
+    writer.close()
+    await records.wait_for(2)
+    assert upstream.requests[0][1] == body and len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
+async def test_a_body_with_a_bom_or_in_utf16_is_metered_and_forwarded_as_sent(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog, encoding: str
+) -> None:
+    upstream.handler = ok_json
+    running = await make_proxy()
+    body = '{"model":"gpt-4o","messages":[{"role":"user","content":"héllo"}]}'.encode(encoding)
+    data = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    status, _, _ = parse(await exchange(running.proxy_port, data))
+    assert status == 200
+    assert upstream.requests[0][1] == body  # as sent: the upstream decides what it accepts
+    await records.wait_for(1)
+    record = records[0]
+    assert record["model"] == "gpt-4o" and record["estimated"]["input"] is not None
+    assert record["metering_errors"] == {}

@@ -5,9 +5,14 @@ the record and the metrics say what happened, and no end is ever invented."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import os
 import random
+import re
 import tracemalloc
+import zlib
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -272,3 +277,198 @@ async def test_a_full_disk_under_the_access_log_is_counted_and_the_relay_goes_on
             async with client.get(f"http://127.0.0.1:{running.admin_port}/metrics") as m:
                 text = await m.text()
     assert "tallygate_access_log_failures_total 3.0" in text
+
+
+async def test_a_gzip_bomb_is_inflated_a_piece_at_a_time(
+    make_proxy: ProxyFactory, records: RecordLog
+) -> None:
+    """128 KiB of gzip that inflates to 128 MiB, sent in one write: the client gets every
+    inflated byte, and tallygate never holds more than a few pieces of it at once."""
+    inflated = 128 * 2**20
+    bomb = zlib.compress(b"\0" * inflated, 9, wbits=16 + zlib.MAX_WBITS)
+    assert len(bomb) < 2**18
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            HEAD + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb) + bomb
+        )
+        await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        running = await make_proxy(
+            f"http://127.0.0.1:{port}",
+            compression={"gzip": False},
+            metering={"max_event_bytes": "1MiB"},
+        )
+        url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+        digest, received = hashlib.sha256(), 0
+        tracemalloc.start()
+        try:
+            async with aiohttp.ClientSession() as client, client.post(url, data=REQUEST) as r:
+                async with asyncio.timeout(60):
+                    while piece := await r.content.readany():
+                        digest.update(piece)
+                        received += len(piece)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert received == inflated
+    assert digest.digest() == hashlib.sha256(b"\0" * inflated).digest()
+    assert peak < 16 * 2**20  # inflated in one call, the body alone is 128 MiB
+    await records.wait_for(1)
+    assert records[0]["bytes"]["upstream_in"] > len(bomb)  # the body and its head
+
+
+PRIVATE = b'{"tenant":"A","answer":"private text meant for client A only"}'
+PUBLIC = b'{"answer":"yours"}'
+
+
+def answer(body: bytes, length: int | None = None) -> bytes:
+    size = len(body) if length is None else length
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        size,
+        body,
+    )
+
+
+async def ask_twice(make_proxy: ProxyFactory, first: Serve) -> list[bytes]:
+    """Two requests in turn through one tallygate; the upstream's first connection runs
+    `first`, every later connection answers PUBLIC to each request."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:
+            await first(reader, writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                writer.write(answer(PUBLIC))
+                await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        running = await make_proxy(f"http://127.0.0.1:{port}", compression={"gzip": False})
+        url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+        bodies = []
+        async with aiohttp.ClientSession() as client:
+            for _ in range(2):
+                async with client.post(url, data=REQUEST) as response:
+                    bodies.append(await response.read())
+                await asyncio.sleep(0.2)  # the pushed answer of the second case arrives
+        return bodies
+
+
+async def test_an_answer_beyond_the_content_length_never_reaches_another_client(
+    make_proxy: ProxyFactory,
+) -> None:
+    async def first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The body goes on past its Content-Length with a second answer, whose head is still
+        # incomplete when the first answer's body ends.
+        await read_request(reader)
+        beyond = answer(PUBLIC) + answer(PRIVATE)
+        writer.write(beyond[: len(answer(PUBLIC)) + 20])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(beyond[len(answer(PUBLIC)) + 20 :])
+        await writer.drain()
+
+    assert await ask_twice(make_proxy, first) == [PUBLIC, PUBLIC]
+
+
+async def test_an_answer_pushed_on_an_idle_connection_never_reaches_another_client(
+    make_proxy: ProxyFactory,
+) -> None:
+    async def first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(PUBLIC))
+        await writer.drain()
+        await asyncio.sleep(0.1)  # tallygate has put the connection back in its pool
+        writer.write(answer(PRIVATE))
+        await writer.drain()
+
+    assert await ask_twice(make_proxy, first) == [PUBLIC, PUBLIC]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"],
+    ids=["101", "gzip-transfer-coding"],
+)  # fmt: skip
+async def test_an_answer_that_cannot_be_relayed_faithfully_is_a_502(
+    make_proxy: ProxyFactory, records: RecordLog, head: bytes
+) -> None:
+    coded = zlib.compress(FIRST, wbits=31)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(head + (chunk(coded) + b"0\r\n\r\n" if b"chunked" in head else b""))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        running = await make_proxy(f"http://127.0.0.1:{port}")
+        url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+        async with aiohttp.ClientSession() as client, client.post(url, data=REQUEST) as r:
+            assert r.status == 502
+            body = await r.json()
+    assert body["error"]["code"] == "upstream_invalid_response"
+    await records.wait_for(1)
+    assert (records[0]["outcome"], records[0]["status"]) == ("upstream_error", 502)
+
+
+async def test_a_long_request_is_not_held_while_its_answer_streams(
+    make_proxy: ProxyFactory, records: RecordLog
+) -> None:
+    """A 15 MB prompt: once forwarded and counted, nothing of it stays in tallygate's memory for
+    the rest of the stream (its body, the body with the usage option added, its parsed JSON)."""
+    prompt = {"model": "gpt-4o", "stream": True,
+              "messages": [{"role": "user", "content": "word " * 3_000_000}]}  # fmt: skip
+    body = json.dumps(prompt).encode()
+    first_sent, release = asyncio.Event(), asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+        while length:  # read and forget
+            length -= len(await reader.read(min(length, 2**16)))
+        await first_event(writer)
+        first_sent.set()
+        await release.wait()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        running = await make_proxy(f"http://127.0.0.1:{port}", compression={"gzip": False})
+        url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            async with aiohttp.ClientSession() as client, client.post(url, data=body) as r:
+                assert await r.content.readuntil(b"\n\n") == FIRST
+                held = 0
+                for _ in range(200):  # the prompt is counted in a thread: until it is done
+                    held = tracemalloc.get_traced_memory()[0] - before
+                    if held < len(body) // 3:
+                        break
+                    await asyncio.sleep(0.05)
+                release.set()
+                await r.read()
+        finally:
+            tracemalloc.stop()
+    assert held < len(body) // 3, (
+        f"{held / 2**20:.1f} MiB held for a {len(body) / 2**20:.1f} MiB body"
+    )
+    await records.wait_for(1)
+    assert records[0]["estimated"]["input"] > 3_000_000

@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import zlib
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+
+from tallygate import relay
+from tallygate.metering import ResponseMeter, estimate_input
 
 from conftest import CASES, Case, FakeUpstream, ProxyFactory, RecordLog, expected_usage, gunzip
 
@@ -48,17 +52,18 @@ async def test_every_corpus_case_leaves_a_record_with_the_reported_usage(
     upstream: FakeUpstream,
     make_proxy: ProxyFactory,
     client: aiohttp.ClientSession,
-    records: list[dict[str, Any]],
+    records: RecordLog,
     gzip: bool,
 ) -> None:
     running = await make_proxy()
-    for case in CASES:
+    for done, case in enumerate(CASES, 1):
         upstream.handler = replay(case)
         url = f"http://127.0.0.1:{running.proxy_port}{case.path}"
         headers = {"Accept-Encoding": "gzip" if gzip else "identity"}
         async with client.post(url, data=case.request or b"{}", headers=headers) as response:
             raw = await response.read()
             assert (gunzip(raw) if gzip else raw) == case.body, case.id
+        await records.wait_for(done)  # a long prompt's record comes once it is counted
         record = records[-1]
         assert set(record) >= RECORD_FIELDS, case.id
         assert record["outcome"] == "ok" and record["status"] == 200 and record["stream"]
@@ -166,7 +171,9 @@ async def test_usage_is_requested_and_its_chunk_removed(
         assert record["usage_requested"] is True
         assert record["tokens_source"] == "reported"
         assert record["tokens"]["input"] == 11 and record["tokens"]["output"] == 7
-        assert json.loads(upstream.requests[-1][1])["stream_options"] == {"include_usage": True}
+        # The client's bytes, with the option added and nothing else changed.
+        added = b'{"stream_options":{"include_usage":true},'
+        assert upstream.requests[-1][1] == (case.request or b"").replace(b"{", added, 1)
 
     # A client that asked for usage itself gets the stream untouched, usage chunk included.
     own = json.dumps({**asked, "stream_options": {"include_usage": True}}).encode()
@@ -428,3 +435,126 @@ async def test_drain_continues_a_gzip_encoded_upstream(
     assert record["tokens_source"] == "reported"
     assert record["tokens"]["output"] == 171
     assert record["metering_errors"] == {}
+
+
+async def test_a_long_prompt_is_counted_while_other_requests_go_on(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: RecordLog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prompt of megabytes is counted off the event loop: a request that comes after it is
+    served and recorded while that count is still running (the count waits for it here)."""
+    other_recorded = threading.Event()
+
+    def estimate_after_the_other(*args: Any) -> None:
+        if args[0].parsed_size > 100_000:  # the long request's facts
+            other_recorded.wait(5)  # on the event loop, this would hold every request for 5 s
+        estimate_input(*args)
+
+    monkeypatch.setattr(relay, "estimate_input", estimate_after_the_other)
+
+    async def answer(_: web.Request) -> web.StreamResponse:
+        return web.json_response({"model": "gpt-4o", "choices": []})
+
+    upstream.handler = answer
+    running = await make_proxy()
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    long = {"model": "gpt-4o", "messages": [{"role": "user", "content": "word " * 400_000}]}
+    async with client.post(url, json=long, headers={"X-Request-Id": "long"}) as response:
+        assert response.status == 200
+    async with client.post(url, json={"model": "gpt-4o", "messages": []}) as response:
+        assert response.status == 200
+    await records.wait_for(1)
+    assert records[0]["client_request_id"] is None
+    other_recorded.set()
+    await records.wait_for(2)
+    assert records[1]["client_request_id"] == "long"
+    assert records[1]["tokens"]["input"] > 400_000  # counted, and the count recorded
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_content_coded_request_goes_upstream_as_sent_and_is_metered(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: RecordLog,
+    coding: str,
+) -> None:
+    async def answer(_: web.Request) -> web.StreamResponse:
+        return web.json_response({"model": "gpt-4o", "choices": []})
+
+    upstream.handler = answer
+    running = await make_proxy()
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    prompt = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    plain = json.dumps(prompt).encode()
+    body = zlib.compress(plain, wbits=31 if coding == "gzip" else 15)
+    async with client.post(url, data=body, headers={"Content-Encoding": coding}) as response:
+        assert response.status == 200
+    sent, received = upstream.requests[-1][0], upstream.requests[-1][1]
+    assert sent.headers["Content-Encoding"] == coding
+    # aiohttp's test upstream inflates what it reads: compare what it decoded with the client's.
+    assert received == plain
+    await records.wait_for(1)
+    record = records[0]
+    assert record["model"] == "gpt-4o" and record["tokens"]["input"] > 0
+    assert record["usage_requested"] is False  # a coded body is never rewritten
+    assert record["bytes"]["client_in"] >= len(body)
+
+
+async def test_a_request_that_inflates_past_the_limit_is_relayed_unread(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
+    records: RecordLog,
+) -> None:  # fmt: skip
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"model": "gpt-4o", "choices": []})
+
+    upstream.handler = answer
+    running = await make_proxy(limits={"max_request_bytes": "1MiB"})
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    bomb = zlib.compress(b" " * 64 * 2**20, 9, wbits=31)  # 64 KiB that inflate to 64 MiB
+    async with client.post(url, data=bomb, headers={"Content-Encoding": "gzip"}) as response:
+        assert response.status == 200  # the upstream's to judge: tallygate relayed it as sent
+    await records.wait_for(1)
+    assert records[0]["metering_errors"] == {"request": 1}
+
+
+async def test_a_long_answer_is_counted_while_other_requests_go_on(
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    records: RecordLog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A whole JSON answer of a megabyte is counted off the event loop, like a long prompt."""
+    other_recorded = threading.Event()
+    real = ResponseMeter.output_estimate
+
+    def count_after_the_other(meter: ResponseMeter) -> int | None:
+        if meter.uncounted > 100_000:
+            other_recorded.wait(5)  # on the event loop, this would hold every request for 5 s
+        return real(meter)
+
+    monkeypatch.setattr(ResponseMeter, "output_estimate", count_after_the_other)
+    text = "word " * 150_000  # 750 KB: under max_event_bytes, a JSON answer is metered whole
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        long = (await request.json())["messages"] == ["long"]
+        message = {"role": "assistant", "content": text if long else "short"}
+        return web.json_response({"model": "gpt-4o", "choices": [{"index": 0, "message": message,
+                                  "finish_reason": "stop"}]})  # fmt: skip
+
+    upstream.handler = answer
+    running = await make_proxy()
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    for messages in (["long"], ["short"]):
+        async with client.post(url, json={"model": "gpt-4o", "messages": messages}) as response:
+            assert response.status == 200
+            await response.read()
+    await records.wait_for(1)
+    assert records[0]["estimated"]["output"] < 10  # the short one, while the long one counts
+    other_recorded.set()
+    await records.wait_for(2)
+    assert records[1]["estimated"]["output"] >= 150_000  # counted, and the count recorded

@@ -321,3 +321,43 @@ async def test_openmetrics_and_the_metrics_token(
         assert (
             r.status != 200 or "tallygate_requests_total" not in await r.text()
         )  # never on the edge
+
+
+async def test_a_metrics_token_with_a_byte_above_0x7f_is_a_401(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    running = await make_proxy(admin={"listen": "127.0.0.1:0", "metrics_token": "scrape-me"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.admin_port)
+    writer.write(
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer scrape-m\xe9\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401")
+
+
+async def test_junk_model_names_from_refused_requests_take_no_label_slot(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    async def not_found_unless_real(request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        if body["model"].startswith("junk"):
+            return web.json_response({"error": {"message": "no such model"}}, status=404)
+        return web.json_response({"model": body["model"], "choices": [], "usage": {
+            "prompt_tokens": 3, "completion_tokens": 1}})  # fmt: skip
+
+    upstream.handler = not_found_unless_real
+    running = await make_proxy(metrics={"max_models": 5})
+    url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"
+    for model in [f"junk-{i}" for i in range(50)] + ["my-local-model"]:
+        async with client.post(url, json={"model": model, "messages": []}) as r:
+            await r.read()
+    _, text = await scrape(running.admin_port)
+    models = {
+        dict(labels)["model"]
+        for (name, labels) in samples(text)
+        if name == "tallygate_requests_total"
+    }
+    assert "my-local-model" in models  # served by the upstream: it has its label
+    assert not any(m.startswith("junk") for m in models)

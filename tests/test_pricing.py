@@ -154,13 +154,43 @@ def test_unknown_models_cost_nothing_and_are_counted() -> None:
         ("gemini-2.5-flash-lite", "gemini-2.5-flash-lite", (0.10, 0.01, 0.40)),
         ("deepseek-chat", "deepseek-chat", (0.28, 0.028, 0.42)),
         ("deepseek-reasoner", "deepseek-reasoner", (0.28, 0.028, 0.42)),
-        ("mistral-medium-latest", "mistral-medium-latest", (0.40, None, 2.0)),
+        ("mistral-medium-2508", "mistral-medium-2508", (0.40, None, 2.0)),
+        ("mistral-medium-3-5", "mistral-medium-3-5", (1.50, None, 7.50)),
         ("llama-3.3-70b-versatile", "llama-3.3-70b-versatile", (0.59, None, 0.79)),
         (
             "meta-llama/Llama-3.3-70B-Instruct-Turbo",
             "llama-3.3-70b-instruct-turbo",
             (0.88, None, 0.88),
         ),
+        # Models released after the first table (2025-11-30).
+        ("gpt-6.1-terra", "gpt-6.1-terra", (1.0, 0.05, 5.0)),
+        ("gpt-6.1-sol", "gpt-6.1-sol", (2.0, 0.10, 10.0)),
+        ("gpt-6-sol", "gpt-6-sol", (2.0, 0.20, 10.0)),
+        ("gpt-6-sol-2026-09-22", "gpt-6-sol", (2.0, 0.20, 10.0)),
+        ("gpt-6-luna", "gpt-6-luna", (0.10, 0.01, 0.50)),
+        ("gpt-6-astra", "gpt-6-astra", (10.0, 1.0, 50.0)),
+        ("openai/gpt-6-astra", "gpt-6-astra", (10.0, 1.0, 50.0)),
+        ("gpt-5.6-terra", "gpt-5.6-terra", (2.0, 0.20, 12.0)),
+        ("gpt-5.5", "gpt-5.5", (5.0, 0.50, 30.0)),
+        ("gpt-5.5-pro", "gpt-5.5-pro", (30.0, None, 180.0)),
+        ("gpt-5.4-2026-03-05", "gpt-5.4", (2.50, 0.25, 15.0)),
+        ("gpt-5.4-mini", "gpt-5.4-mini", (0.75, 0.075, 4.50)),
+        ("gpt-5.4-nano", "gpt-5.4-nano", (0.20, 0.02, 1.25)),
+        ("gpt-5.2", "gpt-5.2", (1.75, 0.175, 14.0)),
+        ("claude-opus-5-5", "claude-opus-5-5", (4.0, 0.20, 20.0)),
+        ("claude-opus-5", "claude-opus-5", (5.0, 0.50, 25.0)),
+        ("claude-opus-4-8", "claude-opus-4-8", (5.0, 0.50, 25.0)),
+        ("claude-opus-4-7-20260101", "claude-opus-4-7", (5.0, 0.50, 25.0)),
+        ("claude-opus-4-6", "claude-opus-4-6", (5.0, 0.50, 25.0)),
+        ("claude-sonnet-5-5", "claude-sonnet-5-5", (2.0, 0.10, 10.0)),
+        ("claude-sonnet-5", "claude-sonnet-5", (2.0, 0.20, 10.0)),
+        ("claude-sonnet-4-6", "claude-sonnet-4-6", (3.0, 0.30, 15.0)),
+        ("claude-haiku-5-5", "claude-haiku-5-5", (0.10, 0.01, 0.50)),
+        ("claude-fable-5-1", "claude-fable-5-1", (10.0, 0.25, 50.0)),
+        ("claude-fable-5", "claude-fable-5", (10.0, 1.0, 50.0)),
+        ("gemini-3.5-flash", "gemini-3.5-flash", (1.50, 0.15, 9.0)),
+        ("gemini-3.1-pro-preview", "gemini-3.1-pro-preview", (2.0, None, 12.0)),
+        ("gemini-3-flash-preview", "gemini-3-flash-preview", (0.50, 0.05, 3.0)),
     ],
 )
 def test_current_models_are_priced(
@@ -174,12 +204,65 @@ def test_current_models_are_priced(
 
 @pytest.mark.parametrize(
     "reported",
-    # Newer models whose price the table does not claim to know: unpriced (and reported), not
-    # priced as an older model whose name they start with.
-    ["claude-opus-4-6", "claude-sonnet-4-6", "claude-opus-4-7-20260101", "gpt-5.4-2026-03-05"],
+    # Models whose price the table does not claim to know: unpriced (and reported), not priced
+    # as an older model whose name they start with.
+    [
+        "claude-opus-4-9",
+        "claude-opus-5-6",
+        "claude-sonnet-5-6",
+        "claude-haiku-5-6-20270101",
+        "claude-fable-5-2",
+        "gpt-5.6-sol",  # its price was cut until a date, then unknown: left out on purpose
+        "gpt-5.6",
+        "gpt-5.2-codex",
+        "gpt-6.2-sol",
+        "gemini-3.5-flash-lite",
+        "gemini-3.8-flash",  # a promotional price with an end date: left out on purpose
+        "mistral-medium-latest",  # an alias that moved to a model at another price
+        "mistral-small-latest",
+        "codestral-latest",
+    ],
 )
 def test_a_newer_model_is_not_priced_as_an_older_one(reported: str) -> None:
     assert default_price_table().lookup(reported) is None
+
+
+def test_anthropic_cache_prices_follow_the_page_not_the_usual_ratio() -> None:
+    """The cache read is 0.1x input on most Claude models, but not on these."""
+    table = default_price_table()
+
+    def cache_read(model: str) -> float | None:
+        found = table.lookup(model)
+        assert found is not None, model
+        return found[1].cached_input
+
+    assert cache_read("claude-opus-5-5") == pytest.approx(0.20)  # 0.05x
+    assert cache_read("claude-sonnet-5-5") == pytest.approx(0.10)  # cut on 2026-10-07
+    assert cache_read("claude-fable-5-1") == pytest.approx(0.25)  # 0.025x
+    assert cache_read("claude-fable-5") == pytest.approx(1.0)
+    haiku = Usage(
+        input=1_000_000, output=1_000_000, cached_input=500_000, cache_write_input=100_000
+    )
+    found = table.lookup("claude-haiku-5-5")
+    assert found is not None
+    # 400k fresh at 0.10, 500k cache reads at 0.01, 100k cache writes at 0.125, 1M out at 0.50
+    assert sum(found[1].cost(haiku).values()) == pytest.approx(0.04 + 0.005 + 0.0125 + 0.5)
+
+
+def test_each_family_is_dated_by_its_own_sources() -> None:
+    """A family whose prices were re-confirmed carries that date; one that was not keeps the
+    date of its old source, and the table's date (the one `check` warns on) is the oldest."""
+    from importlib import resources
+
+    import yaml
+
+    text = resources.files("tallygate").joinpath("data/prices.yaml").read_text(encoding="utf-8")
+    sources = yaml.safe_load(text)["sources"]
+    assert sources["anthropic"]["date"] == "2026-10-24"
+    assert sources["openai"]["date"] == "2026-10-27"
+    assert sources["google"]["date"] == "2026-10-07"
+    assert sources["deepseek"]["date"] == "2025-11-30"
+    assert default_price_table().date == "2025-11-30"
 
 
 def test_every_family_of_the_shipped_table_has_a_date_and_a_source() -> None:

@@ -54,6 +54,9 @@ def jpeg(width: int, height: int) -> bytes:
         ),
         (b"not an image", None),
         (b"\x89PNG\r\n\x1a\n", None),
+        (png(0, 0), None),  # a 0x0 image: none to bill (it divided by zero)
+        (png(0, 10), None),
+        (b"GIF89a" + struct.pack("<HH", 0, 200), None),
     ],
 )
 def test_image_headers(data: bytes, size: tuple[int, int] | None) -> None:
@@ -144,3 +147,15 @@ def test_other_dialects() -> None:
     assert estimator.estimate("openai_completions", {"prompt": ["a", "b"]}) == 2
     assert estimator.estimate("none", {"x": 1}) is None
     assert estimator.estimate("openai_chat", ["not", "a", "dict"]) is None
+
+
+def test_a_zero_sized_image_is_counted_at_the_default_without_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    encoding = tiktoken.get_encoding("o200k_base")
+    url = "data:image/png;base64," + base64.b64encode(png(0, 0)).decode()
+    request = {"model": "gpt-4o", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+    ]}  # fmt: skip
+    assert PromptEstimator(encoding, 765).estimate("openai_chat", request, "gpt-4o")
+    assert "ZeroDivisionError" not in caplog.text

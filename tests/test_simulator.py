@@ -9,7 +9,9 @@ import aiohttp
 import pytest
 from openai import AsyncOpenAI
 
+from tallygate.config import Metering
 from tallygate.simulator import Simulator, SimulatorSettings
+from tallygate.tokens import Tokenizers
 
 from conftest import FakeUpstream, ProxyFactory, RecordLog, gunzip
 
@@ -27,6 +29,7 @@ REQUESTS = {
         "messages": [{"role": "user", "content": "Hi"}],
     },
     "/api/chat": {"model": "llama3", "messages": [{"role": "user", "content": "Hi"}]},
+    "/api/generate": {"model": "llama3", "prompt": "Hi", "system": "Be brief."},
 }
 
 
@@ -60,8 +63,9 @@ async def test_every_dialect_is_metered_exactly(
     assert record["stream"] is stream
     assert record["model"].startswith(body["model"])
     # Dated versions, as the APIs report them: the demo shows dollars.
-    assert record["priced_as"] == (None if path == "/api/chat" else body["model"])
-    assert (record["cost_usd"]["output"] > 0) is (path != "/api/chat")
+    ollama = path.startswith("/api/")
+    assert record["priced_as"] == (None if ollama else body["model"])
+    assert (record["cost_usd"]["output"] > 0) is (not ollama)
     output = record["tokens"]["output"]
     assert output == (41 if path == "/v1/responses" else 40)
     if record["estimated"]["output"] is not None:
@@ -147,7 +151,11 @@ async def test_the_demo_command_runs_with_no_key(tmp_path: Any) -> None:
         out, _ = await asyncio.wait_for(shell.communicate(), 30)
         assert out.rstrip().endswith(b"data: [DONE]")
         record = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
-        assert record["tokens_source"] == "reported" and record["tokens"]["output"] == 64
+        assert record["tokens_source"] == "reported"
+        # The simulator reports what tallygate's estimate counts: the README's demo agrees.
+        tokens, estimated = record["tokens"], record["estimated"]
+        assert (tokens["input"], tokens["output"]) == (estimated["input"], estimated["output"])
+        assert tokens["output"] >= 64  # 64 words
         assert record["encoding"] == "gzip"
     finally:
         proc.send_signal(signal.SIGINT)
@@ -165,3 +173,65 @@ async def test_error_status_chooses_the_status_of_every_dialect_s_errors(
         url = f"http://127.0.0.1:{running.proxy_port}{path}"
         async with client.post(url, data=json.dumps(request).encode()) as r:
             assert r.status == 429, path
+
+
+@pytest.fixture
+def counted(upstream: FakeUpstream) -> Simulator:
+    """The simulator as the demo runs it: counting with tallygate's own tokenizers."""
+    tokenizers = Tokenizers.load(Metering().default_encoding)
+    settings = SimulatorSettings(ttft=0, tokens_per_second=0, output_tokens=40, seed=1)
+    simulator = Simulator(settings, tokenizers)
+    upstream.handler = simulator.dispatch
+    return simulator
+
+
+@pytest.mark.parametrize("path", sorted(REQUESTS))
+async def test_the_demo_s_estimates_agree_with_its_reported_usage(
+    counted: Simulator, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
+    records: RecordLog, path: str,
+) -> None:  # fmt: skip
+    running = await make_proxy()
+    body = {**REQUESTS[path], "tools": [{"type": "function", "function": {"name": "f"}}]}
+    if path != "/v1/chat/completions":
+        del body["tools"]
+    async with client.post(f"http://127.0.0.1:{running.proxy_port}{path}", json=body) as r:
+        assert r.status == 200
+        await r.read()
+    await records.wait_for(1)
+    record = records[0]
+    assert record["tokens_source"] == "reported"
+    tokens, estimated = record["tokens"], record["estimated"]
+    assert (tokens["input"], tokens["output"]) == (estimated["input"], estimated["output"])
+
+
+async def test_the_sdks_work_against_the_simulator(
+    counted: Simulator, make_proxy: ProxyFactory
+) -> None:
+    """What a user of the demo runs: each official SDK, streaming, through tallygate."""
+    running = await make_proxy()
+    base = f"http://127.0.0.1:{running.proxy_port}"
+    async with AsyncOpenAI(base_url=f"{base}/v1", api_key="demo", max_retries=0) as openai:
+        async with openai.responses.stream(model="gpt-4.1", input="Hi") as stream:
+            deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+            final = await stream.get_final_response()
+        assert final.output_text == "".join(deltas) and len(deltas) == 40
+        assert final.usage is not None and final.usage.output_tokens > 40
+
+    anthropic = pytest.importorskip("anthropic")
+    async with anthropic.AsyncAnthropic(base_url=base, api_key="demo", max_retries=0) as claude:
+        messages = [{"role": "user", "content": "Hi"}]
+        async with claude.messages.stream(
+            model="claude-haiku-4-5", max_tokens=100, messages=messages
+        ) as reply:
+            text = "".join([piece async for piece in reply.text_stream])
+        assert len(text.split()) == 40
+        counted_tokens = await claude.messages.count_tokens(
+            model="claude-haiku-4-5", messages=messages
+        )
+        assert counted_tokens.input_tokens > 0
+
+    ollama = pytest.importorskip("ollama")
+    client = ollama.AsyncClient(host=base)
+    pieces = [part.response async for part in await client.generate("llama3", "Hi", stream=True)]
+    assert len("".join(pieces).split()) == 40
+    assert [m.model for m in (await client.list()).models] == ["llama3:latest"]

@@ -306,6 +306,9 @@ async def test_upstream_down_answers_502(
         assert r.headers["Content-Type"].startswith("application/json")
         body = orjson.loads(await r.read())
     assert body["error"]["code"] == "upstream_unreachable"
+    # What failed, never where the upstream lives.
+    assert body["error"]["message"] == "upstream 'main' is unreachable: the connection was refused"
+    assert str(dead_port) not in body["error"]["message"]
     # Ollama's clients expect {"error": "..."}.
     async with client.post(f"http://127.0.0.1:{running.proxy_port}/api/chat", data=b"{}") as r:
         assert r.status == 502

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -93,7 +94,6 @@ def test_identify() -> None:
         == "acme"
     )  # type: ignore[union-attr]
     assert tenants.identify({}, trusted=False).tenant == "anonymous"  # type: ignore[union-attr]
-    assert tenants.label("nobody") == "other"
 
 
 def test_config_wants_hashes_never_keys() -> None:
@@ -122,3 +122,28 @@ def test_hash_key_command() -> None:
     )
     assert done.stdout.strip() == hash_key(KEY)
     assert KEY not in done.stdout
+
+
+@pytest.mark.parametrize("header", [b"Authorization: Bearer k\xe9y", b"x-api-key: k\xffy"])
+async def test_a_key_with_a_byte_above_0x7f_is_refused_as_any_wrong_key(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, records: RecordLog, header: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    upstream.handler = echo
+    running = await make_proxy(
+        tenants={"acme": {"keys": [hash_key(KEY)]}}, auth={"require_key": True}
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy_port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s\r\nConnection: close\r\n"
+        b"Content-Length: 2\r\n\r\n{}" % header
+    )
+    answer = await reader.read()
+    writer.close()
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 401")
+    assert orjson.loads(body)["error"]["code"] == "invalid_api_key"
+    await records.wait_for(1)
+    assert (records[0]["status"], records[0]["outcome"]) == (401, "rejected")
+    assert "Traceback" not in caplog.text
+    assert upstream.requests == []

@@ -11,7 +11,7 @@ import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tallygate.tokens import TokenCounter, TokenizerError, Tokenizers, load_encodings
+from tallygate.tokens import TokenCounter, TokenizerError, Tokenizers, count, load_encodings
 
 from conftest import CASES
 
@@ -131,3 +131,18 @@ def test_fetch_command_reports_failure_cleanly(tmp_path: os.PathLike[str]) -> No
     assert done.returncode == 1
     assert done.stderr.startswith("error: cannot download encodings")
     assert "Traceback" not in done.stderr
+
+
+@given(text=TEXT)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_count_is_the_length_of_encode_ordinary(text: str) -> None:
+    for encoding in ENCODINGS.values():
+        assert count(encoding, text) == len(encoding.encode_ordinary(text))
+
+
+@pytest.mark.parametrize(
+    "text", ["<|endoftext|> and <|fim_prefix|> as plain text", "a lone \ud800 surrogate", ""]
+)
+def test_count_of_special_tokens_and_surrogates(text: str) -> None:
+    for encoding in ENCODINGS.values():
+        assert count(encoding, text) == len(encoding.encode_ordinary(text))

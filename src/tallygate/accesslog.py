@@ -15,6 +15,7 @@ import orjson
 log = logging.getLogger("tallygate.accesslog")
 
 _STOP = b""
+_REOPEN = b"\0"  # never a record: a record is a JSON object and a line end
 # The writer wakes at most this often: one wake-up (and one GIL hand-over) per batch of records
 # rather than per record, on a core the relay shares. Records are at most this late.
 _BATCH_SECONDS = 0.05
@@ -38,7 +39,17 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> None:
         if self._thread is None:
             return
-        self._queue.put(orjson.dumps(record) + b"\n")
+        try:
+            line = orjson.dumps(record)
+        except TypeError:  # a lone surrogate: a header's undecodable byte, as aiohttp keeps it
+            line = orjson.dumps(_escaped(record))
+        self._queue.put(line + b"\n")
+
+    def reopen(self) -> None:
+        """Close the file and open its path again before the next record (SIGUSR1, SIGHUP):
+        after logrotate moved it, records go to the new file, none lost, none twice."""
+        if self._thread is not None:
+            self._queue.put(_REOPEN)
 
     def close(self) -> None:
         """Write out what is queued, then stop (at shutdown). At most one batch interval late."""
@@ -65,7 +76,7 @@ class AccessLog:
         stopping = False
         while not stopping:
             batch = [self._queue.get()]
-            if batch[0] != _STOP:
+            if batch[0] not in (_STOP, _REOPEN):
                 time.sleep(_BATCH_SECONDS)
             while True:  # take what else is waiting, to write it in one go
                 try:
@@ -75,6 +86,12 @@ class AccessLog:
             if _STOP in batch:
                 stopping = True
                 batch = [line for line in batch if line != _STOP]
+            if _REOPEN in batch:
+                # Records queued before the signal go to the new file too: each goes once.
+                batch = [line for line in batch if line != _REOPEN]
+                if sink is not None and sink > 2:
+                    os.close(sink)
+                sink = None
             if not batch:
                 continue
             try:
@@ -97,3 +114,15 @@ class AccessLog:
                 sink = None
         if sink is not None and sink > 2:
             os.close(sink)
+
+
+def _escaped(value: Any) -> Any:
+    """`value` with every string's lone surrogates written as `\\udcXX` text, which JSON can
+    hold: the record keeps what the client sent, readably, instead of failing to serialize."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, dict):
+        return {_escaped(key): _escaped(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(item) for item in value]
+    return value

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import Config, ConfigError, effective_config, load_config
+from .config import Config, ConfigError, ListenError, effective_config, load_config
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +60,10 @@ def _check(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     sys.stdout.write(yaml.safe_dump(effective_config(config), sort_keys=False))
+    from .checks import config_warnings
+
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     _warn_price_table_age(datetime.now(UTC).date())
     return 0
 
@@ -133,21 +137,43 @@ def _http_error_status(text: str) -> int:
 
 
 def _add_simulator_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ttft", default="200ms", help="time to the first token (default 200ms)")
-    parser.add_argument("--tokens-per-second", type=float, default=50.0, help="0: no pacing")
-    parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument(
-        "--error-rate", type=float, default=0.0, help="share answered with an error"
+        "--ttft", default="200ms", help="time to the first token (default: %(default)s)"
     )
     parser.add_argument(
-        "--midstream-failure-rate", type=float, default=0.0, help="share of streams cut halfway"
+        "--tokens-per-second", type=float, default=50.0,
+        help="output pace; 0: no pacing (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output-tokens", type=int, default=64, help="words in each answer (default: %(default)s)"
     )
+    parser.add_argument(
+        "--error-rate", type=float, default=0.0,
+        help="share of requests answered with an error, 0 to 1 (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--midstream-failure-rate", type=float, default=0.0,
+        help="share of streams cut halfway, 0 to 1 (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--error-status", type=_http_error_status, default=None,
         help="the status of those errors, e.g. 429 (default: each API's own: 500, Anthropic's"
         " 529, Ollama's 503)",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--seed", type=int, default=None, help="for the same answers every run (default: random)"
+    )
+
+
+_LOG_LEVELS = ["debug", "info", "warning", "error"]
+_SERVE_EPILOG = (
+    "signals: SIGHUP reloads the configuration (a bad file is refused and the running one\n"
+    "stays); SIGUSR1 reopens the access log (after logrotate moved it); SIGTERM drains and\n"
+    "stops.\n\n"
+    "environment: TALLYGATE_CONFIG (the configuration, when --config is absent),\n"
+    "TALLYGATE_LOG_LEVEL, TIKTOKEN_CACHE_DIR (where tiktoken's encodings are; without\n"
+    "internet, fill it with `tallygate tokenizers fetch --dir DIR` elsewhere)."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,21 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tallygate {__version__}")
     parser.add_argument(
         "--log-level", default=os.environ.get("TALLYGATE_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
+        choices=_LOG_LEVELS, help="(also after the command; default: $TALLYGATE_LOG_LEVEL, info)",
     )  # fmt: skip
+    # Each command takes --log-level too, so `tallygate serve --log-level debug` works; its
+    # default leaves the top-level one alone.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=_LOG_LEVELS, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
 
-    serve = commands.add_parser("serve", help="run the proxy")
+    serve = commands.add_parser(
+        "serve", help="run the proxy", parents=[common], epilog=_SERVE_EPILOG, formatter_class=raw
+    )
     _add_config_option(serve)
     serve.set_defaults(func=_serve)
 
     check = commands.add_parser(
-        "check", help="validate a configuration and print it, with secrets masked"
-    )
+        "check", help="validate a configuration and print it, with secrets masked",
+        parents=[common],
+    )  # fmt: skip
     _add_config_option(check)
     check.set_defaults(func=_check)
 
-    tokenizers = commands.add_parser("tokenizers", help="manage tiktoken encodings")
+    tokenizers = commands.add_parser(
+        "tokenizers", help="manage tiktoken encodings", parents=[common]
+    )
     tokenizer_commands = tokenizers.add_subparsers(dest="tokenizers_command", required=True)
     fetch = tokenizer_commands.add_parser(
         "fetch", help="download encodings into a directory, for offline images"
@@ -184,25 +220,35 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=_fetch)
 
     hashing = commands.add_parser(
-        "hash-key", help="print the SHA-256 of a client key, for tenants.<name>.keys"
-    )
+        "hash-key", help="print the SHA-256 of a client key, for tenants.<name>.keys",
+        parents=[common],
+    )  # fmt: skip
     hashing.add_argument(
         "key", nargs="?", help="the key (default: read one line from standard input)"
     )
     hashing.set_defaults(func=_hash_key)
 
     simulate = commands.add_parser(
-        "simulate", help="run a simulated LLM upstream (OpenAI, Anthropic, Ollama), no key needed"
+        "simulate", help="run a simulated LLM upstream (OpenAI, Anthropic, Ollama), no key needed",
+        parents=[common],
+    )  # fmt: skip
+    simulate.add_argument(
+        "--listen", default="127.0.0.1:8001", help="where to listen (default: %(default)s)"
     )
-    simulate.add_argument("--listen", default="127.0.0.1:8001")
     _add_simulator_options(simulate)
     simulate.set_defaults(func=_simulate)
 
     demo = commands.add_parser(
-        "demo", help="tallygate in front of the simulated upstream: try it with no key, no network"
+        "demo", help="tallygate in front of the simulated upstream: try it with no key, no network",
+        parents=[common],
+    )  # fmt: skip
+    demo.add_argument(
+        "--listen", default="127.0.0.1:8080", help="tallygate's proxy (default: %(default)s)"
     )
-    demo.add_argument("--listen", default="127.0.0.1:8080")
-    demo.add_argument("--admin", default="127.0.0.1:9464")
+    demo.add_argument(
+        "--admin", default="127.0.0.1:9464",
+        help="tallygate's admin listener, /metrics (default: %(default)s)",
+    )  # fmt: skip
     _add_simulator_options(demo)
     demo.set_defaults(func=_demo)
     return parser
@@ -215,5 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except ListenError as error:  # an address in use: one line, not a traceback
+        print(f"tallygate: {error}", file=sys.stderr)
+        return 1
     return code

@@ -99,13 +99,23 @@ def _quality(params: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class GzipSettings:
+    """The compressor's settings. The defaults are the configuration's (`compression.*`).
+
+    14 and 5 give 64 KiB + 16 KiB of zlib state per live stream (zlib's formula: 2^(wbits+2) +
+    2^(memLevel+9)) and keep 99.7% of the ratio of zlib's defaults (256 KiB) on the corpus
+    streams. A 4 KiB window (12) saved 56 KiB a stream but sent 6% more bytes, and its small
+    hash table made level 6 search longer; `python bench/compression_params.py` measures both."""
+
     level: int = 6
-    window_bits: int = 12
-    mem_level: int = 4
+    window_bits: int = 14
+    mem_level: int = 5
 
     def state_bytes(self) -> int:
         """zlib's documented deflate memory: 2^(windowBits+2) + 2^(memLevel+9)."""
         return (1 << (self.window_bits + 2)) + (1 << (self.mem_level + 9))
+
+
+DEFAULT_GZIP = GzipSettings()
 
 
 class GzipEncoder:
@@ -134,14 +144,16 @@ class GzipEncoder:
         compressor = self._compressor
         if end <= 0:
             return compressor.compress(data)
-        # A partial flush (zlib ends the block and adds an empty static one, about 2 bytes) lets
-        # the client decode everything so far, as a sync flush does (about 5 bytes): on the
-        # benchmark stream 16.2 bytes an event instead of 19.8 (nginx's sync flush: 18.5).
+        # A sync flush ends the block and adds an empty stored one (the 00 00 ff ff marker):
+        # every inflater decodes all of it on arrival. Go's compress/flate (every Go program's
+        # transparent gzip) hands out decoded bytes only at a stored block, a full window or the
+        # end, so a partial flush (an empty compressed block, 3 bytes smaller) left a Go client
+        # waiting for the next event; a stored block's 4 length bytes are the least that works.
         if end == len(data):
-            return compressor.compress(data) + compressor.flush(zlib.Z_PARTIAL_FLUSH)
+            return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
         view = memoryview(data)
         head = compressor.compress(view[:end])
-        head += compressor.flush(zlib.Z_PARTIAL_FLUSH)
+        head += compressor.flush(zlib.Z_SYNC_FLUSH)
         return head + compressor.compress(view[end:])
 
     def close(self) -> bytes:
@@ -192,13 +204,19 @@ def _sse_flush_point(data: bytes, tail: int) -> int:
 
 class UpstreamDecoder:
     """Undoes an upstream's Content-Encoding (gzip, x-gzip, deflate), so metering and the client's
-    own compression see the plain body. Only single-coding responses are decoded."""
+    own compression see the plain body. Only single-coding responses are decoded.
+
+    Output is bounded: `feed` and `more` return at most `limit` bytes, and `pending` says whether
+    input is still waiting to be inflated. A small compressed read that inflates to gigabytes (a
+    gzip bomb) therefore costs one piece of memory at a time, and the relay writes each piece
+    (waiting while the client's socket is full) before asking for the next."""
 
     DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
+    LIMIT = 64 * 1024
 
-    __slots__ = ("_decompressor", "_first")
+    __slots__ = ("_decompressor", "_first", "_limit")
 
-    def __init__(self, coding: str) -> None:
+    def __init__(self, coding: str, limit: int = LIMIT) -> None:
         coding = coding.strip().lower()
         if coding not in self.DECODABLE:
             raise ValueError(f"cannot decode content coding {coding!r}")
@@ -206,13 +224,42 @@ class UpstreamDecoder:
         # servers send for "deflate") is detected on the first bytes.
         self._decompressor = zlib.decompressobj(32 + zlib.MAX_WBITS)
         self._first = coding == "deflate"
+        self._limit = limit
 
     def feed(self, data: bytes) -> bytes:
+        """Inflate `data`, up to `limit` bytes of it; call `more` while `pending`."""
         if self._first and data:
             self._first = False
             if data[0] & 0x0F != 8:  # not a zlib header: raw deflate
                 self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
-        return self._decompressor.decompress(data)
+        return self._decompressor.decompress(data, self._limit)
+
+    @property
+    def pending(self) -> bool:
+        """Input fed but not yet inflated (the output limit stopped it)."""
+        return bool(self._decompressor.unconsumed_tail)
+
+    def more(self) -> bytes:
+        """The next piece of what was fed, up to `limit` bytes."""
+        return self._decompressor.decompress(self._decompressor.unconsumed_tail, self._limit)
 
     def close(self) -> bytes:
+        """What the inflater still holds once the body has ended (nothing is `pending` then)."""
         return self._decompressor.flush()
+
+
+def inflate_request(body: bytes, coding: str, limit: int) -> bytes | None:
+    """A copy of a request body sent with `Content-Encoding: coding`, decoded for metering only
+    (the body itself goes upstream as sent): None when it is not gzip or deflate, is corrupt, or
+    inflates past `limit` (inflating stops there: a small bomb costs `limit`, not its size)."""
+    if coding not in UpstreamDecoder.DECODABLE:
+        return None
+    raw = coding == "deflate" and body[:1] and body[0] & 0x0F != 8  # no zlib header
+    decompressor = zlib.decompressobj(-zlib.MAX_WBITS if raw else 32 + zlib.MAX_WBITS)
+    try:
+        plain = decompressor.decompress(body, limit + 1)
+    except zlib.error:
+        return None
+    if len(plain) > limit or not decompressor.eof:
+        return None
+    return plain

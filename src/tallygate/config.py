@@ -21,20 +21,29 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .compression import DEFAULT_GZIP
+from .cors import CorsPolicy
+from .dialects import DIALECTS
 from .pricing import EgressTier, TokenPrice, parse_token_price
 
 AuthHeader = Literal["authorization", "x-api-key"]
 AUTH_HEADERS: tuple[AuthHeader, ...] = ("authorization", "x-api-key")
 OnDisconnect = Literal["cancel", "drain"]
-DIALECT_CHOICES = (
-    "auto", "openai_chat", "openai_completions", "openai_responses", "anthropic_messages",
-    "ollama_chat", "ollama_generate", "none",
-)  # fmt: skip
+DIALECT_CHOICES = ("auto", *DIALECTS)
 ENCODING_CHOICES = ("o200k_base", "cl100k_base", "p50k_base")
 
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+
+
+class ListenError(Exception):
+    """An address tallygate cannot listen on (in use, not this host's, not allowed)."""
+
+    @classmethod
+    def of(cls, listen: object, error: OSError) -> ListenError:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        return cls(f"cannot listen on {listen}: {reason.lower()}")
 
 
 class ConfigError(Exception):
@@ -86,6 +95,7 @@ class Route:
     path_prefix: str
     upstream: str
     dialect: str = "auto"  # "auto": from the request path (dialects.detect_dialect)
+    cors: CorsPolicy | Literal[False] | None = None  # None: the top-level `cors:`; False: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +114,10 @@ class Metering:
 @dataclass(frozen=True, slots=True)
 class Compression:
     gzip: bool = True
-    level: int = 6
-    # 14 and 5 give 64 KiB + 16 KiB of zlib state per live stream (zlib's formula: 2^(wbits+2) +
-    # 2^(memLevel+9)) and keep 99.7% of the ratio of zlib's defaults (256 KiB) on the corpus
-    # streams. A 4 KiB window (12) saved 56 KiB a stream but sent 6% more bytes, and its small
-    # hash table made level 6 search longer; `python bench/compression_params.py` measures both.
-    window_bits: int = 14
-    mem_level: int = 5
+    # The compressor's own defaults, defined once (compression.GzipSettings says why these).
+    level: int = DEFAULT_GZIP.level
+    window_bits: int = DEFAULT_GZIP.window_bits
+    mem_level: int = DEFAULT_GZIP.mem_level
     # Below this many bytes a response of known length is not worth a gzip header and trailer.
     min_length: int = 1024
 
@@ -197,13 +204,21 @@ class Config:
     tenant_header: str | None = None
     require_key: bool = False  # auth.require_key
     workers: int = 1
+    cors: CorsPolicy | None = None  # None: no CORS, preflights are relayed like any request
+
+    def cors_for(self, route: Route | None) -> CorsPolicy | None:
+        """The CORS policy of a request on `route` (None before routing, or when off)."""
+        if route is None or route.cors is None:
+            return self.cors
+        return route.cors or None
 
 
 # ---------------------------------------------------------------------------------------------
 # Scalars with units
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$|^\s*((?:\d+(?:\.\d+)?(?:ms|s|m|h|d)\s*)+)$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
 _SIZE_UNITS = {
     None: 1, "B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "k": KiB, "K": KiB, "M": MiB, "G": GiB,
@@ -212,16 +227,25 @@ _SIZE_UNITS = {
 
 
 def parse_duration(value: object) -> float:
-    """`250ms`, `30s`, `5m`, `1h`, or a plain number of seconds."""
+    """`250ms`, `30s`, `5m`, `1h`, `1d`, combined as `2h30m`, or a plain number of seconds."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 30s, got {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
     else:
-        match = _DURATION.match(str(value))
+        text = str(value)
+        match = _DURATION.match(text)
         if not match:
-            raise ValueError(f"expected a duration like 250ms, 30s or 5m, got {value!r}")
-        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+            if text.strip().startswith("-") and _DURATION.match(text.strip()[1:]):
+                raise ValueError(f"must be positive, got {value!r}")
+            raise ValueError(f"expected a duration like 250ms, 30s, 5m or 2h30m, got {value!r}")
+        if match[1] is not None:
+            seconds = float(match[1])
+        else:
+            seconds = sum(
+                float(number) * _DURATION_UNITS[unit]
+                for number, unit in _DURATION_PART.findall(match[2])
+            )
     if seconds <= 0:
         raise ValueError(f"must be positive, got {value!r}")
     return seconds
@@ -511,7 +535,7 @@ def _read_routes(r: _Reader, raw: object, upstreams: Mapping[str, Upstream]) -> 
     routes = []
     for i, spec in enumerate(raw):
         path = f"routes[{i}]"
-        m = r.mapping(spec, path, ["path_prefix", "upstream", "dialect"])
+        m = r.mapping(spec, path, ["path_prefix", "upstream", "dialect", "cors"])
         for key in ("path_prefix", "upstream"):
             if key not in m:
                 r.problems.append(f"{path}.{key}: required")
@@ -524,15 +548,72 @@ def _read_routes(r: _Reader, raw: object, upstreams: Mapping[str, Upstream]) -> 
                 r.value(m, "path_prefix", path, _path_prefix, "/"),
                 upstream,
                 r.value(m, "dialect", path, _choice(DIALECT_CHOICES), "auto"),
+                False if m.get("cors") is False else _read_cors(r, m.get("cors"), f"{path}.cors"),
             )
         )
     return tuple(routes)
 
 
+_CORS_KEYS = [f.name for f in fields(CorsPolicy)]
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError("expected a list of strings")
+    return tuple(v.strip() for v in value)
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    origins = _strings(value)
+    for origin in origins:
+        if origin != "*" and (
+            not re.fullmatch(r"https?://[^/\s]+", origin) or origin.endswith(":")
+        ):
+            raise ValueError(
+                f"'{origin}' is not an origin: `*`, or scheme://host[:port] with no path"
+            )
+    return origins
+
+
+def _methods(value: object) -> tuple[str, ...]:
+    methods = tuple(m.upper() for m in _strings(value))
+    for method in methods:
+        if method not in _METHODS:
+            raise ValueError(f"unknown method '{method}' (known: {', '.join(_METHODS)})")
+    return methods
+
+
+def _read_cors(r: _Reader, raw: object, path: str) -> CorsPolicy | None:
+    if raw is None:
+        return None
+    m = r.mapping(raw, path, _CORS_KEYS)
+    if "allow_origins" not in m:
+        r.problems.append(f"{path}.allow_origins: required (a list of origins, or `*`)")
+        return None
+    d = CorsPolicy(allow_origins=())
+    policy = CorsPolicy(
+        allow_origins=r.value(m, "allow_origins", path, _origins, ()),
+        allow_methods=r.value(m, "allow_methods", path, _methods, d.allow_methods),
+        allow_headers=r.value(m, "allow_headers", path, _strings, d.allow_headers),
+        expose_headers=r.value(m, "expose_headers", path, _strings, d.expose_headers),
+        allow_credentials=r.value(m, "allow_credentials", path, _bool, d.allow_credentials),
+        max_age=int(r.value(m, "max_age", path, parse_duration, float(d.max_age))),
+    )
+    if policy.allow_credentials and "*" in policy.allow_origins:
+        r.problems.append(
+            f"{path}.allow_credentials: browsers refuse credentials with any origin (`*`): "
+            "name the origins"
+        )
+    return policy
+
+
 _TOP_KEYS = [
     "listen", "admin", "upstreams", "routes", "compression", "limits", "pool", "trusted_proxies",
     "shutdown_grace", "metering", "access_log", "metrics", "pricing", "tenants", "tenant_header",
-    "auth", "workers",
+    "auth", "workers", "cors",
 ]  # fmt: skip
 
 
@@ -662,12 +743,15 @@ def _read_metering(r: _Reader, raw: object) -> Metering:
     )
 
 
-def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
-    """Parse and validate; raise ConfigError listing every problem."""
+def load_config_text(
+    text: str, env: Mapping[str, str] | None = None, source: str = "config"
+) -> Config:
+    """Parse and validate; raise ConfigError listing every problem. `source` names the text in
+    a YAML syntax error (the file's path), with the line and column."""
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError([f"config: not valid YAML: {error}"]) from None
+        raise ConfigError([_yaml_problem(error, source)]) from None
     r = _Reader()
     document = _interpolate(document, "", os.environ if env is None else env, r.problems)
     top = r.mapping(document, "", _TOP_KEYS)
@@ -734,6 +818,7 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None) -> Config:
         tenant_header=r.value(top, "tenant_header", "", _string, "") or None,
         require_key=r.value(auth_raw, "require_key", "auth", _bool, False),
         workers=r.value(top, "workers", "", _workers, 1),
+        cors=_read_cors(r, top.get("cors"), "cors"),
     )
     if config.require_key and not config.tenants:
         r.problems.append(
@@ -751,7 +836,20 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError([f"config: cannot read {path}: {error.strerror}"]) from None
-    return load_config_text(text, env)
+    except UnicodeDecodeError:
+        raise ConfigError([f"config: {path} is not UTF-8 text"]) from None
+    return load_config_text(text, env, str(path))
+
+
+def _yaml_problem(error: yaml.YAMLError, source: str) -> str:
+    """`file:line:column: what is wrong`, as compilers say it."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    what = f"{context}: {problem}" if context else problem
+    if mark is None:
+        return f"{source}: not valid YAML: {what}"
+    return f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {what}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,11 +864,11 @@ def _plain(value: object, key: str = "") -> object:
     if isinstance(value, Listen | ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value)
     if is_dataclass(value) and not isinstance(value, type):
-        # An upstream's name is its key already.
+        # An upstream's or a tenant's name is its key already.
         return {
             f.name: _plain(getattr(value, f.name), f.name)
             for f in fields(value)
-            if f.name != "name" or not isinstance(value, Upstream)
+            if f.name != "name" or not isinstance(value, Upstream | Tenant)
         }
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}

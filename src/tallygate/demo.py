@@ -11,10 +11,10 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from .config import Listen, load_config_text
-from .server import load_tokenizers, run_loop, serve
+from .config import Listen, ListenError, Metering, load_config_text
+from .server import Running, run_loop, serve
 from .simulator import Simulator, SimulatorSettings
-from .tokens import TokenizerError
+from .tokens import TokenizerError, Tokenizers
 
 log = logging.getLogger("tallygate.demo")
 
@@ -24,13 +24,27 @@ CURL = (
 )
 
 
+def simulator_tokenizers() -> Tokenizers | None:
+    """The encodings tallygate estimates with by default, so that the simulated usage is what
+    tallygate's estimate counts; None (about four characters a token) without them."""
+    try:
+        return Tokenizers.load(Metering().default_encoding)
+    except TokenizerError as error:
+        log.warning("%s The simulator reports about four characters a token.", error)
+        return None
+
+
 async def _start_simulator(
-    listen: Listen, settings: SimulatorSettings
+    listen: Listen, settings: SimulatorSettings, tokenizers: Tokenizers | None
 ) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(Simulator(settings).app(), access_log=None)
+    runner = web.AppRunner(Simulator(settings, tokenizers).app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, listen.host, listen.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise ListenError.of(listen, error) from None
     server = site._server  # asyncio's Server: its sockets tell the port the OS chose
     sockets = getattr(server, "sockets", None) or ()
     return runner, int(sockets[0].getsockname()[1]) if sockets else listen.port
@@ -38,7 +52,7 @@ async def _start_simulator(
 
 def run_simulator(listen: Listen, settings: SimulatorSettings) -> None:
     async def main() -> None:
-        runner, port = await _start_simulator(listen, settings)
+        runner, port = await _start_simulator(listen, settings, simulator_tokenizers())
         log.info(
             "simulated upstream on http://%s:%d (OpenAI, Anthropic, Ollama)", listen.host, port
         )
@@ -71,27 +85,34 @@ def demo_config(listen: Listen, admin: Listen, upstream: str, estimate: bool) ->
 
 def run_demo(listen: Listen, admin: Listen, settings: SimulatorSettings) -> None:
     async def main() -> None:
-        runner, port = await _start_simulator(Listen("127.0.0.1", 0), settings)
-        upstream = f"http://127.0.0.1:{port}"
-        config = load_config_text(yaml.safe_dump(demo_config(listen, admin, upstream, True)), {})
         try:
-            tokenizers = load_tokenizers(config)
+            tokenizers = Tokenizers.load(Metering().default_encoding)
         except TokenizerError as error:
             # The demo runs anywhere: without the encodings it still shows the provider's usage.
             log.warning("%s Token estimates are off for this demo.", error)
-            offline = demo_config(listen, admin, upstream, False)
-            config, tokenizers = load_config_text(yaml.safe_dump(offline), {}), None
-        print(
-            "\ntallygate demo: a simulated LLM upstream (OpenAI chat and Responses, Anthropic,"
-            f" Ollama) behind tallygate.\n  Send requests to http://{listen}, for example:\n    "
-            + CURL.format(listen=listen)
-            + f"\n  Metrics: http://{admin}/metrics"
-            + "\n  Usage records: printed here, one JSON line per request. Stop with Ctrl-C.\n",
-            file=sys.stderr,
-            flush=True,
+            tokenizers = None
+        # The simulator counts with tallygate's own tokenizers: its usage and the estimates agree.
+        runner, port = await _start_simulator(Listen("127.0.0.1", 0), settings, tokenizers)
+        upstream = f"http://127.0.0.1:{port}"
+        estimate = tokenizers is not None
+        config = load_config_text(
+            yaml.safe_dump(demo_config(listen, admin, upstream, estimate)), {}
         )
+
+        def banner(running: Running) -> None:  # once both listeners are up, with their ports
+            proxy = Listen(listen.host, running.proxy_port)
+            print(
+                "\ntallygate demo: a simulated LLM upstream (OpenAI chat and Responses, Anthropic,"
+                f" Ollama) behind tallygate.\n  Send requests to http://{proxy}, for example:\n"
+                + "    " + CURL.format(listen=proxy)
+                + f"\n  Metrics: http://{Listen(admin.host, running.admin_port)}/metrics"
+                + "\n  Usage records: printed here, one JSON line per request. Stop with Ctrl-C.\n",
+                file=sys.stderr,
+                flush=True,
+            )  # fmt: skip
+
         try:
-            await serve(config, tokenizers)
+            await serve(config, tokenizers, ready=banner)
         finally:
             await runner.cleanup()
 

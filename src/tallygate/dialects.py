@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -26,10 +26,7 @@ Dialect = Literal[
     "ollama_generate",
     "none",
 ]
-DIALECTS: tuple[Dialect, ...] = (
-    "openai_chat", "openai_completions", "openai_responses", "anthropic_messages",
-    "ollama_chat", "ollama_generate", "none",
-)  # fmt: skip
+DIALECTS: tuple[Dialect, ...] = get_args(Dialect)
 
 # Path endings, most specific first; endings rather than whole paths so that base paths
 # (`/openai/deployments/x/chat/completions`, `/api/v1/chat/completions`) are recognized too.

@@ -71,6 +71,15 @@ def unauthorized() -> ProxyError:
     )
 
 
+def cors_refused(origin: str, method: str) -> ProxyError:
+    return ProxyError(
+        403,
+        f"cross-origin {method} from {origin} is not allowed by tallygate's `cors:` settings",
+        "invalid_request_error",
+        "cors_refused",
+    )
+
+
 def no_route(path: str) -> ProxyError:
     return ProxyError(404, f"no route for {path}", "invalid_request_error", "route_not_found")
 

@@ -61,6 +61,27 @@ def is_trusted(peer: str | None, trusted: tuple[Network, ...]) -> bool:
     return any(address in network for network in trusted)
 
 
+def client_address(
+    peer: str | None, forwarded_for: list[str], trusted: tuple[Network, ...]
+) -> str | None:
+    """Who the client is: the peer, or, when the peer is a trusted proxy, the rightmost address of
+    `X-Forwarded-For` that is not one (nginx's `real_ip_recursive`): what a client writes into
+    the header itself is never believed past the first untrusted hop."""
+    address = peer
+    if not is_trusted(peer, trusted):
+        return address
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return address  # not an address: the last trusted hop is all we know
+        address = hop
+        if not is_trusted(hop, trusted):
+            break
+    return address
+
+
 @dataclass(frozen=True, slots=True)
 class ClientSide:
     """What the proxy knows of the client connection."""

@@ -7,6 +7,7 @@ stops (framing) or skips the event (a malformed event), while the stream goes on
 
 from __future__ import annotations
 
+import codecs
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,12 +49,16 @@ class RequestFacts:
     model: str | None = None
     stream: bool | None = None
     usage_requested: bool = False  # tallygate added include_usage: strip the usage-only chunk
+    # include_usage is still to be inserted into `body` (with_usage_option): the relay does it
+    # in a step of its own, as a long body's copy takes milliseconds.
+    insert_usage_option: bool = False
     estimated_input: int | None = None
     estimate_exact: bool = False
     tools_offered: bool = False
     # The parsed body, kept until the prompt is estimated: that is done when the exchange ends,
     # so that encoding a long prompt never delays the request on its way upstream.
     parsed: dict[str, Any] | None = None
+    parsed_size: int = 0  # the JSON it was parsed from, in bytes (decoded, if content-coded)
 
 
 def read_request(
@@ -63,12 +68,19 @@ def read_request(
     settings: MeteringSettings,
     errors: dict[str, int],
     request_id: str = "",
+    plain: bytes | None = None,
 ) -> RequestFacts:
+    """What `body` says, and the body to send upstream. `plain` is a content-coded body's
+    decoded copy: metered, never sent, so nothing is added to the body then."""
     facts = RequestFacts(body)
     if dialect == "none" or not body:
         return facts
+    source = body if plain is None else plain
+    utf8 = _as_utf8(source)
+    if utf8 is not source:  # another encoding, or a BOM: metered as read, never rewritten
+        source, plain = utf8, utf8
     try:
-        request: Any = orjson.loads(body)
+        request: Any = orjson.loads(source)
     except orjson.JSONDecodeError:
         errors["request"] = errors.get("request", 0) + 1  # forwarded all the same
         return facts
@@ -81,14 +93,54 @@ def read_request(
     # Ollama streams unless told not to; the others only when asked.
     facts.stream = stream is not False if dialect.startswith("ollama") else stream is True
     if settings.estimate and tokenizers is not None:
-        facts.parsed = request
-    if settings.request_usage and facts.stream and dialect in _USAGE_OPTION_DIALECTS:
+        facts.parsed, facts.parsed_size = request, len(source)
+    if (
+        settings.request_usage
+        and facts.stream
+        and dialect in _USAGE_OPTION_DIALECTS
+        and plain is None
+    ):
         options = request.get("stream_options")
-        if options is None or (isinstance(options, dict) and "include_usage" not in options):
+        if "stream_options" not in request:
+            facts.insert_usage_option = facts.usage_requested = True
+        elif options is None or (isinstance(options, dict) and "include_usage" not in options):
             request["stream_options"] = {**(options or {}), "include_usage": True}
             facts.body = orjson.dumps(request)
             facts.usage_requested = True
     return facts
+
+
+def _as_utf8(body: bytes) -> bytes:
+    """JSON as UTF-8 without a byte-order mark, which orjson requires: parsers may accept a BOM
+    and the UTF-16 and UTF-32 that some clients still send (RFC 8259 section 8.1), and so does
+    tallygate's meter. `body` itself when it is plain UTF-8 already (or undecodable)."""
+    if body.startswith(codecs.BOM_UTF8):
+        return body[3:]
+    if body[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):
+        encoding = "utf-32"
+    elif body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        encoding = "utf-16"
+    elif len(body) >= 2 and body[0] and not body[1]:
+        encoding = "utf-16-le"  # "{" then a 0 byte: UTF-16 without a mark
+    elif len(body) >= 2 and not body[0] and body[1]:
+        encoding = "utf-16-be"
+    else:
+        return body
+    try:
+        return body.decode(encoding).encode()
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return body
+
+
+_USAGE_OPTION = b'"stream_options":{"include_usage":true},'
+
+
+def with_usage_option(body: bytes) -> bytes:
+    """The body as the client sent it, with the usage option as the object's first member:
+    re-serializing would change the client's bytes (spacing, escapes, number spelling). The
+    object has members (`stream` at least), so a comma follows."""
+    start = body.index(b"{") + 1
+    return body[:start] + _USAGE_OPTION + body[start:]
 
 
 def estimate_input(
@@ -329,7 +381,14 @@ class ResponseMeter:
             return sum(1 for channel in self._counters if channel.startswith("content:"))
         return 0
 
-    def facts(self) -> ResponseFacts:
+    @property
+    def uncounted(self) -> int:
+        """Characters of output text not counted yet (`output_estimate` encodes them)."""
+        return sum(counter.pending for counter in self._counters.values())
+
+    def facts(self, count_output: bool = True) -> ResponseFacts:
+        """What the response said; without `count_output`, no output estimate yet (the caller
+        sets it from `output_estimate()`, off the event loop)."""
         self.settle()
         extractor = self._extractor
         return ResponseFacts(
@@ -337,6 +396,6 @@ class ResponseMeter:
             usage=extractor.usage,
             finish_reason=extractor.finish_reason,
             upstream_errors=list(extractor.errors),
-            estimated_output=self.output_estimate(),
+            estimated_output=self.output_estimate() if count_output else None,
             output_text_seen=self.text_seen,
         )

@@ -11,7 +11,7 @@ import hashlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from itertools import accumulate
-from typing import Any, get_args
+from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -21,11 +21,9 @@ from prometheus_client.utils import floatToGoString
 from . import __version__
 from .pricing import COST_KINDS
 from .tenants import ANONYMOUS, OTHER
-from .usage import Outcome
 
 TOKEN_TYPES = ("input", "output", "cached_input", "cache_write_input", "reasoning")
 DIRECTIONS = ("client_in", "client_out", "upstream_out", "upstream_in")
-OUTCOMES: tuple[str, ...] = get_args(Outcome)  # defined once, with the record (usage.py)
 # The codes of tallygate's own refusals (errors.py), exported at 0 from the start.
 REJECT_REASONS = (
     "invalid_api_key", "route_not_found", "request_too_large", "not_an_open_proxy",
@@ -365,13 +363,17 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.rejected.touch((reason,))
 
-    def model_label(self, name: str | None) -> str:
-        """The pricing key or model name, bounded to `max_models` distinct values."""
+    def model_label(self, name: str | None, claim: bool = True) -> str:
+        """The pricing key or model name, bounded to `max_models` distinct values. A name not
+        seen yet takes a slot only when `claim`: a model the price table knows, or one the
+        upstream did not refuse as a client error. Names from refused requests (any string a
+        client sends, answered 404) would otherwise take the slots, and the real models would be
+        `other` until a restart."""
         if not name:
             return NO_MODEL
         if name in self._models:
             return name
-        if len(self._models) < self._max_models:
+        if claim and len(self._models) < self._max_models:
             self._models.add(name)
             return name
         return OTHER
@@ -390,7 +392,10 @@ class Metrics:
     ) -> None:
         """Move every metric by what one usage record says."""
         route, upstream = record["route"], record["upstream"]
-        model = self.model_label(model_key)
+        # A client error (400, 404, 422: a model that does not exist, say) proves no model.
+        status = record["status"]
+        refused = (400 <= status < 500 and status != 429) or status == 0
+        model = self.model_label(model_key, record["priced_as"] is not None or not refused)
         tenant = self.tenant_label(record["tenant"])
         outcome = record["outcome"]
         self.requests.inc((route, upstream, model, tenant, str(record["status"]), outcome))

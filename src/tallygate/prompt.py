@@ -22,6 +22,7 @@ import orjson
 import tiktoken
 
 from .dialects import Dialect
+from .tokens import count
 
 _PER_MESSAGE = 3
 _PER_NAME = 1
@@ -72,7 +73,7 @@ class PromptEstimator:
     def _count(self, text: object) -> int:
         if not isinstance(text, str) or not text:
             return 0
-        return len(self._encoding.encode_ordinary(text))
+        return count(self._encoding, text)
 
     def _texts(self, texts: Iterable[object]) -> int:
         return sum(self._count(t) for t in texts)
@@ -251,7 +252,13 @@ def _b64_prefix(data: str, limit: int = 256 * 1024) -> bytes:
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from a PNG, GIF, WebP or JPEG header; None when unreadable."""
+    """Width and height from a PNG, GIF, WebP or JPEG header; None when unreadable, or when a
+    side is 0 (no image a provider would bill as one)."""
+    size = _header_size(data)
+    return size if size is not None and min(size) > 0 else None
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
     try:
         if data.startswith(b"\x89PNG\r\n\x1a\n"):
             width, height = struct.unpack(">II", data[16:24])

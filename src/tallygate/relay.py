@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
-import os
+import secrets
+import socket
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import aiohttp
@@ -31,22 +34,45 @@ from .compression import (
     UpstreamDecoder,
     accepts_gzip,
     flush_policy,
+    inflate_request,
     is_compressible,
     media_type,
 )
 from .config import Config, Timeouts, Upstream
+from .cors import CorsPolicy, is_preflight
 from .dialects import Dialect, detect_dialect
 from .errors import ProxyError
-from .headers import ClientSide, client_response_headers, is_trusted, upstream_request_headers
-from .metering import MeteringSettings, ResponseMeter, estimate_input, read_request
+from .headers import (
+    ClientSide,
+    client_address,
+    client_response_headers,
+    is_trusted,
+    upstream_request_headers,
+)
+from .metering import (
+    MeteringSettings,
+    RequestFacts,
+    ResponseFacts,
+    ResponseMeter,
+    estimate_input,
+    read_request,
+    with_usage_option,
+)
 from .metrics import Metrics
 from .pricing import Costing
-from .routing import Router, path_problem, upstream_url
+from .routing import Router, canonical_path, path_problem, upstream_url
 from .tenants import Tenants
 from .tokens import Tokenizers
-from .usage import Exchange, head_size, received_head_size
+from .usage import (
+    USER_AGENT_CHARS,
+    Exchange,
+    head_size,
+    received_head_size,
+    sane_request_id,
+)
 
 log = logging.getLogger("tallygate.relay")
+Sink = Callable[[dict[str, Any], Exchange], None]  # a finished request's record goes to each
 UNPRICED_WARNING = (
     "model %r has no price: its tokens cost 0 in records and metrics (priced_as null, counted in "
     "tallygate_unpriced_tokens_total); set its price in pricing.models (once per model)"
@@ -55,6 +81,10 @@ UNPRICED_WARNING = (
 _NO_BODY_STATUSES = frozenset({204, 304})
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 _READ_CHUNK = 2**16
+# A request body above this is counted off the event loop: tiktoken encodes about a megabyte in
+# 50-300 ms (a run of one letter is its worst case), which would pause every other stream.
+ESTIMATE_INLINE_BYTES = 64 * 1024
+LONG_BODY_BYTES = 2**20
 
 
 class Watchdog:
@@ -150,8 +180,11 @@ class Proxy:
         self.active = 0
         self.records = 0
         self._drains: set[asyncio.Task[None]] = set()
-        # Request ids: this process (a worker is a fork: not the pid at import) and a counter.
-        self._id_prefix = f"{os.getpid():x}"
+        self._estimates: set[asyncio.Future[None]] = set()
+        self._estimator: ThreadPoolExecutor | None = None
+        # Request ids: a random prefix for this process (drawn after a worker's fork) and a
+        # counter, unique across workers, replicas and restarts.
+        self._id_prefix = secrets.token_hex(6)
         self._request_ids = itertools.count(1)
         self._loop = asyncio.get_event_loop()
 
@@ -223,23 +256,84 @@ class Proxy:
     def _exchange(
         self, request: web.BaseRequest, method: str | None = None, path: str | None = None
     ) -> Exchange:
+        # A request the parser refused has no headers to believe: only its peer is known.
+        headers = request.headers if method is None else CIMultiDict[str]()
+        agent = headers.get("User-Agent")
         return Exchange(
-            request_id=request.headers.get("X-Request-Id")
-            or f"{self._id_prefix}-{next(self._request_ids)}",
+            ts=time.time(),
+            request_id=f"{self._id_prefix}-{next(self._request_ids)}",
+            client_request_id=sane_request_id(headers.get("X-Request-Id")),
+            client_address=client_address(
+                request.remote, headers.getall("X-Forwarded-For", []), self.config.trusted_proxies
+            ),
+            user_agent=agent[:USER_AGENT_CHARS] if agent is not None else None,
             method=request.method if method is None else method,
             path=request.path if path is None else path,
             started=self._loop.time(),
         )
 
     def finish(self, exchange: Exchange) -> None:
-        """The one place a usage record is written: exactly once per request."""
+        """The one place a request ends: its usage record is written exactly once, now, or once
+        a long prompt is counted."""
         exchange.ended = self._loop.time()
         exchange.outcome = exchange.final_outcome()
-        if exchange.request is not None and exchange.request.parsed is not None:
-            estimate_input(
-                exchange.request, cast(Dialect, exchange.dialect), self.tokenizers,
-                self.metering, exchange.metering_errors, exchange.request_id,
-            )  # fmt: skip
+        facts = exchange.request
+        if exchange.counting is None and facts is not None and facts.parsed is not None:
+            if self.tokenizers is not None and facts.parsed_size > ESTIMATE_INLINE_BYTES:
+                self._count_prompt(exchange)
+            else:
+                estimate_input(
+                    facts, cast(Dialect, exchange.dialect), self.tokenizers, self.metering,
+                    exchange.metering_errors, exchange.request_id,
+                )  # fmt: skip
+        waiting = [exchange.counting] if exchange.counting is not None else []
+        if exchange.output_meter is not None:
+            waiting.append(self._in_thread(functools.partial(self._count_output, exchange)))
+        if any(not job.done() for job in waiting):
+            asyncio.gather(*waiting).add_done_callback(lambda _: self._record(exchange))
+            return
+        self._record(exchange)
+
+    def _response_facts(self, exchange: Exchange, meter: ResponseMeter) -> ResponseFacts:
+        """The response's facts; a long answer's text (a whole JSON answer of megabytes) is
+        counted in `finish`, off the event loop, like a long prompt."""
+        if meter.uncounted > ESTIMATE_INLINE_BYTES:
+            exchange.output_meter = meter
+            return meter.facts(count_output=False)
+        return meter.facts()
+
+    def _count_output(self, exchange: Exchange) -> None:
+        """In the estimator's thread: the long answer's output estimate."""
+        meter, response = exchange.output_meter, exchange.response
+        if meter is not None and response is not None:
+            try:
+                response.estimated_output = meter.output_estimate()
+            except Exception:  # counting fails open: the record goes without the estimate
+                exchange.metering_errors["tokens"] = exchange.metering_errors.get("tokens", 0) + 1
+                log.exception("request %s: output estimate failed", exchange.request_id)
+        exchange.output_meter = None
+
+    def _in_thread(self, work: Callable[[], None]) -> asyncio.Future[None]:
+        if self._estimator is None:
+            self._estimator = ThreadPoolExecutor(1, thread_name_prefix="tallygate-count")
+        done = self._loop.run_in_executor(self._estimator, work)
+        self._estimates.add(done)
+        done.add_done_callback(self._estimates.discard)
+        return done
+
+    def _count_prompt(self, exchange: Exchange) -> None:
+        """Count a long prompt in a thread (tiktoken lets go of the GIL while it encodes: the
+        other streams go on), from as soon as the request is forwarded; the parsed body is let
+        go once counted. `finish` writes the record when this is done."""
+        facts = exchange.request
+        assert facts is not None
+        estimate = functools.partial(
+            estimate_input, facts, cast(Dialect, exchange.dialect), self.tokenizers,
+            self.metering, exchange.metering_errors, exchange.request_id,
+        )  # fmt: skip
+        exchange.counting = self._in_thread(estimate)
+
+    def _record(self, exchange: Exchange) -> None:
         self.records += 1
         if exchange.outcome != "ok":
             log.info(
@@ -258,18 +352,50 @@ class Proxy:
             exchange.cost = self.costing.cost(model, usage, wire, month)
             if exchange.cost.first_unpriced:
                 log.warning(UNPRICED_WARNING, model)
-            record = exchange.record()
-            self.access_log.write(record)
-            self.metrics.observe(record, exchange.cost.model_key or model, exchange.error_reason)
-            if self.on_record is not None:
-                self.on_record(exchange)
-        except Exception:  # the record must never take the relay down
+        except Exception:  # pricing must never cost the record: it is written unpriced
             exchange.metering_errors["record"] = exchange.metering_errors.get("record", 0) + 1
-            log.exception("writing the usage record of %s failed", exchange.request_id)
+            log.exception("pricing the usage record of %s failed", exchange.request_id)
+            model = None
+        try:
+            record = exchange.record()
+        except Exception:  # a defect, never the client's doing: logged, and the relay goes on
+            log.exception("building the usage record of %s failed", exchange.request_id)
+            return
+        # Each sink on its own: one that fails never keeps the record from the others.
+        for name, sink in self.sinks():
+            try:
+                sink(record, exchange)
+            except Exception:
+                log.exception("the %s sink failed on the record of %s", name, exchange.request_id)
+
+    def sinks(self) -> list[tuple[str, Sink]]:
+        """Everything a finished request's record feeds, in order (the ledger and spend totals
+        join this list)."""
+        found: list[tuple[str, Sink]] = [("access log", self._log), ("metrics", self._observe)]
+        if self.on_record is not None:
+            hook = self.on_record
+            found.append(("on_record", lambda _, exchange: hook(exchange)))
+        return found
+
+    def _log(self, record: dict[str, Any], _: Exchange) -> None:
+        try:
+            self.access_log.write(record)
+        except Exception:
+            self.access_log.failures += 1  # counted in tallygate_access_log_failures_total
+            raise
+
+    def _observe(self, record: dict[str, Any], exchange: Exchange) -> None:
+        model_key = exchange.cost.model_key if exchange.cost is not None else None
+        self.metrics.observe(record, model_key or exchange.model(), exchange.error_reason)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         family = errors.api_family(request.path)
         limits = self.limits
+        origin = request.headers.get("Origin")
+        if origin is not None:  # a browser's cross-origin request: every answer says CORS
+            cors = self.config.cors_for(self.router.match(request.path))
+            if cors is not None:
+                exchange.cors = (cors, origin)
         if limits.max_connections and getattr(request.protocol, "over_limit", False):
             refusal = errors.overloaded("connections", limits.max_connections)
             return await self._refuse(request, exchange, refusal, family, close=True)
@@ -282,10 +408,14 @@ class Proxy:
         if not raw_target.startswith("/"):
             refusal = errors.not_a_proxy("a request target not starting with /")
             return await self._refuse(request, exchange, refusal, family)
-        path = raw_target.split("?", 1)[0]
-        problem = path_problem(path)
+        path, mark, query = raw_target.partition("?")
+        path = canonical_path(path)
+        problem = path_problem(path) or ("fragment" if "#" in query else None)
         if problem is not None:
             return await self._refuse(request, exchange, errors.path_refused(problem), family)
+        target = path + mark + query
+        if exchange.cors is not None and is_preflight(request.method, request.headers):
+            return await self._preflight(request, exchange, *exchange.cors, family)
 
         peer = request.remote
         trusted = is_trusted(peer, self.config.trusted_proxies)
@@ -299,8 +429,10 @@ class Proxy:
             return await self._refuse(request, exchange, errors.no_route(request.path), family)
         upstream = self.config.upstreams[route.upstream]
         exchange.route, exchange.upstream = route.path_prefix, upstream.name
-        if not self.config.metering.enabled:
-            dialect: Dialect = "none"  # relay only: no body is parsed
+        if not self.config.metering.enabled or request.method != "POST":
+            # Relay only; and every API call that is billed is a POST: an OPTIONS, a GET of a
+            # stored response, a DELETE are relayed, not metered.
+            dialect: Dialect = "none"
         elif route.dialect == "auto":
             dialect = detect_dialect(path)
         else:
@@ -310,6 +442,13 @@ class Proxy:
         limit = limits.max_request_bytes
         if request.content_length is not None and request.content_length > limit:
             return await self._refuse(request, exchange, errors.too_large(limit), family)
+        if (
+            request.version >= (1, 1)
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            # The client waits for this before it sends the body: only now, once the key, the
+            # route and the size are accepted, so a refusal comes before any upload.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             body = await self._read_body(request, limit, exchange)
         except TimeoutError:
@@ -317,12 +456,31 @@ class Proxy:
             return await self._refuse(request, exchange, refusal, family, close=True)
         if body is None:
             return await self._refuse(request, exchange, errors.too_large(limit), family)
+        # A body of megabytes is joined, parsed and copied in separate steps, so that other
+        # streams run between them (bench/pauses.py).
+        long = len(body) > LONG_BODY_BYTES
+        if long:
+            await _let_others_run()
 
-        facts = read_request(
-            dialect, body, self.tokenizers, self.metering, exchange.metering_errors,
-            exchange.request_id,
-        )  # fmt: skip
+        # A content-coded body goes upstream as sent; a bounded decoded copy is metered.
+        coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        plain = None
+        if coding != "identity" and dialect != "none" and body:
+            plain = inflate_request(body, coding, limit)
+        if coding != "identity" and plain is None:  # not decodable here: relayed, not read
+            facts = RequestFacts(body)
+            if dialect != "none" and body:
+                exchange.metering_errors["request"] = 1
+        else:
+            facts = read_request(
+                dialect, body, self.tokenizers, self.metering, exchange.metering_errors,
+                exchange.request_id, plain,
+            )  # fmt: skip
         exchange.request = facts
+        if facts.insert_usage_option:
+            if long:
+                await _let_others_run()
+            facts.body = with_usage_option(facts.body)
         client = ClientSide(
             peer=peer, scheme=request.scheme, host=request.headers.get("Host"), trusted=trusted
         )
@@ -331,7 +489,11 @@ class Proxy:
             # A tallygate-issued key is ours: it never travels upstream.
             drop_client_credentials=identity.by_key,
         )  # fmt: skip
-        return await self._forward(request, exchange, upstream, raw_target, headers, facts.body)
+        if facts.parsed is not None and facts.parsed_size > ESTIMATE_INLINE_BYTES:
+            self._count_prompt(exchange)  # now, in a thread: its text is let go once counted
+        # From here the body lives in `facts` only, which lets it go once it is sent.
+        del body, plain
+        return await self._forward(request, exchange, upstream, target, headers, facts.body)
 
     async def _read_body(
         self, request: web.BaseRequest, limit: int, exchange: Exchange
@@ -372,6 +534,8 @@ class Proxy:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.timeouts.connect)
         url = upstream_url(upstream.url, target)
         data = body if body or request.method not in _BODYLESS_METHODS else None
+        data_size = len(data) if data is not None else None
+        del body
         response: web.StreamResponse | None = None
         upstream_response: aiohttp.ClientResponse | None = None
         decoder: UpstreamDecoder | None = None
@@ -381,9 +545,13 @@ class Proxy:
         try:
             try:
                 upstream_response = await self.session.request(
-                    request.method, url, headers=headers, data=data,
+                    request.method, URL(url, encoded=True), headers=headers, data=data,
                     allow_redirects=False, timeout=timeout,
                 )  # fmt: skip
+                # Sent: a long body is not held for the rest of the stream.
+                data = None
+                if exchange.request is not None:
+                    exchange.request.body = b""
             except aiohttp.ConnectionTimeoutError:
                 sent = False
                 exchange.outcome = "timeout"
@@ -408,13 +576,22 @@ class Proxy:
                 sent = not isinstance(error, aiohttp.ClientConnectorError)
                 exchange.outcome = "upstream_error"
                 exchange.error_reason = "unreachable"
-                reason = _describe(error)
-                log.warning("upstream %s unreachable: %s", upstream.name, reason)
-                refusal = errors.upstream_unreachable(upstream.name, reason)
+                log.warning("upstream %s unreachable: %s", upstream.name, _describe(error))
+                # The client learns what failed, not where the upstream lives (host, port).
+                refusal = errors.upstream_unreachable(upstream.name, _kind_of_failure(error))
                 return await self._refuse(request, exchange, refusal, family)
             finally:
                 exchange.reached_upstream = sent
             watchdog.headers_received()
+            unrelayable = _unrelayable(upstream_response)
+            if unrelayable is not None:
+                upstream_response.close()  # never back to the pool
+                exchange.status = exchange.upstream_status = upstream_response.status
+                exchange.outcome = "upstream_error"
+                exchange.error_reason = "invalid_response"
+                log.warning("upstream %s sent %s", upstream.name, unrelayable)
+                refusal = errors.upstream_invalid(upstream.name)
+                return await self._refuse(request, exchange, refusal, family)
             response, decoder, gzip_policy, meter = self._start_response(
                 request, exchange, upstream_response
             )
@@ -456,7 +633,7 @@ class Proxy:
             # answer and the first byte to the client.
             if exchange.reached_upstream:
                 exchange.upstream_out = _sent_size(
-                    request.method, url, headers, data, upstream_response
+                    request.method, url, headers, data_size, upstream_response
                 )
             if upstream_response is not None:
                 exchange.upstream_in += _received_head_size(upstream_response)
@@ -466,7 +643,7 @@ class Proxy:
             if response is not None:
                 exchange.client_out = _output_size(response)
             if meter is not None and not exchange.detached:
-                exchange.response = meter.facts()
+                exchange.response = self._response_facts(exchange, meter)
             if upstream_response is not None and not exchange.detached:
                 # Closing, not releasing: an unfinished upstream body must not go back to the pool,
                 # and the upstream must see us leave at once.
@@ -537,6 +714,17 @@ class Proxy:
         )
         if length is not None and gzip_policy is None:
             response.content_length = length
+        # The provider's own id (OpenAI's x-request-id, Anthropic's request-id) is recorded, and
+        # OpenAI's goes on as x-upstream-request-id: x-request-id is the one in our record.
+        headers = response.headers
+        provided = headers.popall("X-Request-Id", None)
+        if provided:
+            headers["X-Upstream-Request-Id"] = provided[0]
+        exchange.upstream_request_id = sane_request_id(
+            provided[0] if provided else headers.get("Request-Id")
+        )
+        headers["X-Request-Id"] = exchange.answered_id()
+        _add_cors(exchange, headers)
         return response, decoder, gzip_policy, meter
 
     async def _pump(
@@ -572,16 +760,27 @@ class Proxy:
                     except zlib.error as error:  # the body is not what its coding says
                         await self._broken(request, exchange, response, encoder, meter, error)
                         return
-                chunk = meter.relay(chunk)
-                if chunk:
-                    watchdog.writing = watchdog.last
-                    await self._send(exchange, write, encoder, chunk)
-                    watchdog.writing = None
-                    watchdog.last = now()
-                # Metered once sent: the meter never stands between the upstream and the client.
-                meter.settle()
-                if exchange.first_token_at is None and meter.text_seen:
-                    exchange.first_token_at = watchdog.last
+                while True:
+                    chunk = meter.relay(chunk)
+                    if chunk:
+                        watchdog.writing = watchdog.last
+                        await self._send(exchange, write, encoder, chunk)
+                        watchdog.writing = None
+                        watchdog.last = now()
+                    # Metered once sent: the meter never stands between upstream and client.
+                    meter.settle()
+                    if exchange.first_token_at is None and meter.text_seen:
+                        exchange.first_token_at = watchdog.last
+                    if decoder is None or not decoder.pending:
+                        break
+                    # A read that inflates to more than one piece goes out a piece at a time,
+                    # and other streams run between the pieces.
+                    await asyncio.sleep(0)
+                    try:
+                        chunk = decoder.more()
+                    except zlib.error as error:
+                        await self._broken(request, exchange, response, encoder, meter, error)
+                        return
             tail = decoder.close() if decoder is not None else b""
             tail = meter.relay(tail) if tail else b""
             tail += meter.close()
@@ -676,7 +875,13 @@ class Proxy:
             async with asyncio.timeout(min(self.config.metering.drain_timeout, total)):
                 while chunk := await upstream_response.content.readany():
                     exchange.upstream_in += len(chunk)
-                    meter.feed(decoder.feed(chunk) if decoder is not None else chunk)
+                    if decoder is None:
+                        meter.feed(chunk)
+                        continue
+                    meter.feed(decoder.feed(chunk))
+                    while decoder.pending:
+                        await asyncio.sleep(0)
+                        meter.feed(decoder.more())
                 if decoder is not None:
                     meter.feed(decoder.close())
                 meter.close()
@@ -684,15 +889,51 @@ class Proxy:
             log.info("drain of %s stopped: %s", exchange.request_id, _describe(error))
         finally:
             upstream_response.close()
-            exchange.response = meter.facts()
+            exchange.response = self._response_facts(exchange, meter)
             self.finish(exchange)
 
     async def drain_tasks(self) -> None:
-        """Wait for background drains (at shutdown)."""
+        """Wait for background drains and prompt counts, so every record is written (at
+        shutdown)."""
         if self._drains:
             await asyncio.gather(*self._drains, return_exceptions=True)
+        if self._estimates:
+            await asyncio.gather(*self._estimates, return_exceptions=True)
+        if self._estimator is not None:
+            self._estimator.shutdown(wait=False)
+            self._estimator = None
 
     # -- answers of our own ----------------------------------------------------------------------
+
+    async def _preflight(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        cors: CorsPolicy,
+        origin: str,
+        family: errors.ApiFamily,
+    ) -> web.StreamResponse:
+        """A browser's preflight, answered here: never relayed, never asked for a key, never
+        metered (its record has no dialect and no tokens)."""
+        route = self.router.match(exchange.path)
+        exchange.route = route.path_prefix if route is not None else ""
+        method = request.headers["Access-Control-Request-Method"]
+        allowed = cors.preflight(
+            origin, method, request.headers.get("Access-Control-Request-Headers", "")
+        )
+        if allowed is None:
+            exchange.cors = None  # a refused origin learns nothing more
+            return await self._refuse(
+                request, exchange, errors.cors_refused(origin, method), family
+            )
+        exchange.status = 204
+        response = web.Response(status=204, headers=allowed)
+        response.headers["X-Request-Id"] = exchange.answered_id()
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            await response.prepare(request)
+            await response.write_eof()
+        exchange.client_out = _output_size(response)
+        return response
 
     async def _refuse(
         self,
@@ -709,8 +950,10 @@ class Proxy:
         response = web.Response(
             status=error.status, body=error.body(family), content_type="application/json"
         )
+        response.headers["X-Request-Id"] = exchange.answered_id()
         if error.status == 503:
             response.headers["Retry-After"] = str(self.limits.retry_after)
+        _add_cors(exchange, response.headers)
         if close:  # the connection is over: a body unread, or one connection too many
             response.force_close()
             response.headers["Connection"] = "close"  # said even to a request we could not read
@@ -760,12 +1003,12 @@ def _sent_size(
     method: str,
     url: str,
     headers: CIMultiDict[str],
-    data: bytes | None,
+    data_size: int | None,
     upstream_response: aiohttp.ClientResponse | None,
 ) -> int:
     """The request as aiohttp wrote it to the upstream: its request line, the headers it really
-    sent (ours plus Host and Content-Length), and the body."""
-    body = len(data) if data is not None else 0
+    sent (ours plus Host and Content-Length), and the body (`data_size`: None for none)."""
+    body = data_size or 0
     if upstream_response is not None:
         info = upstream_response.request_info
         line = f"{method} {info.url.raw_path_qs} HTTP/1.1"
@@ -773,7 +1016,7 @@ def _sent_size(
     # No response: the same head, rebuilt from what we handed aiohttp.
     parsed = URL(url, encoded=True)
     sent = [*headers.items(), ("Host", parsed.raw_authority)]
-    if data is not None:
+    if data_size is not None:
         sent.append(("Content-Length", str(body)))
     return head_size(f"{method} {parsed.raw_path_qs} HTTP/1.1", sent) + body
 
@@ -785,6 +1028,59 @@ def _received_head_size(upstream_response: aiohttp.ClientResponse) -> int:
     return received_head_size(line, upstream_response.raw_headers)
 
 
+def _unrelayable(upstream_response: aiohttp.ClientResponse) -> str | None:
+    """What makes an upstream's answer one tallygate cannot pass on faithfully, or None."""
+    if upstream_response.status < 200:
+        # tallygate never asks for an upgrade (Upgrade is hop-by-hop): a 101 is not an answer.
+        return f"a {upstream_response.status} to a request that asked for no upgrade"
+    codings = [
+        coding.strip().lower()
+        for value in upstream_response.headers.getall("Transfer-Encoding", ())
+        for coding in value.split(",")
+    ]
+    if any(coding not in ("chunked", "") for coding in codings):
+        # aiohttp undoes only `chunked`: the body would reach the client still coded, unlabelled.
+        return f"a body in the transfer coding {', '.join(codings)}"
+    return None
+
+
+def _kind_of_failure(error: BaseException) -> str:
+    """What went wrong connecting, in words that name no host, address or port."""
+    if isinstance(error, aiohttp.ClientSSLError):
+        return "the TLS handshake failed"
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "it closed the connection"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        if isinstance(error.os_error, socket.gaierror):
+            return "its name does not resolve"
+        if isinstance(error.os_error, ConnectionRefusedError):
+            return "the connection was refused"
+        return "it cannot be connected to"
+    return "the connection failed"
+
+
 def _describe(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return text.splitlines()[0][:200]
+
+
+async def _let_others_run() -> None:
+    """Yield twice: the first lets the loop poll for I/O and wake the tasks waiting for it, the
+    second lets those tasks run before this one goes on (a single yield would run this one's
+    next step first, since it was queued before them)."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+def _add_cors(exchange: Exchange, headers: CIMultiDict[str]) -> None:
+    """A cross-origin request's answer carries our CORS headers, and none of the upstream's."""
+    if exchange.cors is None:
+        return
+    cors, origin = exchange.cors
+    for name in [n for n in headers if n.lower().startswith("access-control-")]:
+        headers.popall(name, None)
+    for name, value in cors.response_headers(origin, headers.keys()).items():
+        if name == "Vary":
+            headers.add(name, value)
+        else:
+            headers[name] = value

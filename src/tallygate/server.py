@@ -23,11 +23,14 @@ import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import _EXC_SENTINEL
+from aiohttp.http_parser import RawResponseMessage
+from aiohttp.streams import StreamReader
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .accesslog import AccessLog
-from .config import Config, ConfigError, Listen, effective_config, load_config
+from .checks import config_warnings
+from .config import Config, ConfigError, Listen, ListenError, effective_config, load_config
 from .connection import Listener
 from .metrics import Metrics, config_hash
 from .pricing import Costing, EgressPrice, UnpricedModels, default_price_table
@@ -52,12 +55,16 @@ def bind(listen: Listen, reuse_port: bool = False, backlog: int = _BACKLOG) -> s
     several processes bind the same port and the kernel spreads connections across them."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((listen.host, listen.port))
-    if backlog:
-        sock.listen(backlog)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((listen.host, listen.port))
+        if backlog:
+            sock.listen(backlog)
+    except OSError as error:
+        sock.close()
+        raise ListenError.of(listen, error) from None
     sock.setblocking(False)
     return sock
 
@@ -100,7 +107,8 @@ def admin_app(
     async def metrics(request: web.Request) -> web.Response:
         if token is not None:
             presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(presented.encode(), token.encode()):
+            sent = presented.encode("utf-8", "surrogateescape")  # the bytes sent, whatever
+            if not hmac.compare_digest(sent, token.encode()):
                 return web.json_response(
                     {"error": "a bearer token is required"}, status=401,
                     headers={"WWW-Authenticate": 'Bearer realm="tallygate metrics"'},
@@ -116,12 +124,14 @@ def admin_app(
 
 
 class _UpstreamProtocol(ResponseHandler):
-    """aiohttp's client protocol, with two changes:
+    """aiohttp's client protocol, with three changes:
 
     - a body that stops parsing mid-way (a broken chunk size) fails the reader at once. aiohttp
       3.14 fails only the connection: the reader waits forever, and the stream would end 60 s
       later as an idle timeout instead of a broken body;
-    - resuming a connection that is not paused does nothing (see `resume_reading`).
+    - resuming a connection that is not paused does nothing (see `resume_reading`);
+    - an answer that arrives when no request awaits one closes the connection (`_unsolicited`):
+      aiohttp would queue it for whichever client's request next uses the connection.
     """
 
     def resume_reading(self, resume_parser: bool = True) -> None:
@@ -135,6 +145,31 @@ class _UpstreamProtocol(ResponseHandler):
         # tested with a slow reader in tests/test_hostile_clients.py.
         if self._reading_paused:
             super().resume_reading(resume_parser)
+
+    _awaited = 0  # requests sent on this connection whose answer has not arrived
+
+    def set_response_params(self, **params: Any) -> None:
+        # Called once for every request sent on this connection: one answer is awaited.
+        self._awaited += 1
+        super().set_response_params(**params)
+
+    def feed_data(self, data: tuple[RawResponseMessage, StreamReader], size: int = 0) -> None:
+        message = data[0]
+        if message.code >= 200 or message.code == 101:  # a final answer, not a 1xx
+            if not self._awaited:
+                self._unsolicited(message.code)
+                return
+            self._awaited -= 1
+        super().feed_data(data, size)
+
+    def _unsolicited(self, code: int) -> None:
+        """An answer to no request: pushed on an idle pooled connection, or beyond what the last
+        answer's framing allowed. Queued, it would become the answer to the next client's
+        request on this connection, so the connection is closed, never reused."""
+        log.warning("upstream sent a %d answer to no request; its connection is closed", code)
+        self._should_close = True
+        if self.transport is not None:
+            self.transport.close()
 
     def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
         payload = self._payload
@@ -281,6 +316,8 @@ class Running:
         if config.access_log != self.config.access_log:
             old, proxy.access_log = proxy.access_log, AccessLog(config.access_log)
             asyncio.get_running_loop().run_in_executor(None, old.close)  # its queue, written out
+        else:
+            proxy.access_log.reopen()
         reconfigure_metrics(proxy.metrics, config)
         self.config = config
 
@@ -312,6 +349,16 @@ async def start(
 ) -> Running:
     if tokenizers is None:
         tokenizers = load_tokenizers(config)
+    # The addresses first: one in use stops tallygate before anything else is made.
+    if worker is None:
+        proxy_sock = bind(config.listen)
+        try:
+            admin_sock = bind(config.admin.listen)
+        except ListenError:
+            proxy_sock.close()
+            raise
+    else:
+        proxy_sock = bind(Listen(config.listen.host, worker.port), reuse_port=True)
     session = new_session(config)
     access_log = AccessLog(config.access_log)
     metrics = new_metrics(config)
@@ -327,6 +374,8 @@ async def start(
         max_connections=limits.max_connections,
         # A client that leaves cancels its handler, which closes the upstream request at once.
         handler_cancellation=True,
+        # A request body goes upstream as the client sent it, content coding and all.
+        auto_decompress=False,
         access_log=None,
         max_line_size=limits.max_header_bytes,
         max_field_size=limits.max_header_bytes,
@@ -335,10 +384,6 @@ async def start(
     )
     proxy_runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_grace)
     await proxy_runner.setup()
-    if worker is None:
-        proxy_sock = bind(config.listen)
-    else:
-        proxy_sock = bind(Listen(config.listen.host, worker.port), reuse_port=True)
     # SockSite listens again with its own backlog (128 by default): give it ours.
     await web.SockSite(
         proxy_runner, proxy_sock, backlog=_BACKLOG, ssl_context=tls_context(config.listen)
@@ -353,7 +398,6 @@ async def start(
         )
         admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
         await admin_runner.setup()
-        admin_sock = bind(config.admin.listen)
         await web.SockSite(admin_runner, admin_sock).start()
         running.admin_port = port_of(admin_sock)
     else:
@@ -378,9 +422,13 @@ async def serve(
     tokenizers: Tokenizers | None,
     worker: WorkerSlot | None = None,
     path: str | None = None,
+    ready: Callable[[Running], None] | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then drain. SIGHUP reads `path` again and applies it."""
+    """Run until SIGTERM or SIGINT, then drain. SIGHUP reads `path` again and applies it.
+    `ready` is called once both listeners are up."""
     running = await start(config, tokenizers, worker=worker)
+    if ready is not None:
+        ready(running)
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     if worker is None:
         log.info(
@@ -397,6 +445,8 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     if path is not None:
         on_signal(signal.SIGHUP, lambda: _reload(running, path))
+    # As nginx: USR1 reopens the log files (logrotate's postrotate), and so does a reload.
+    loop.add_signal_handler(signal.SIGUSR1, lambda: running.proxy.access_log.reopen())
     await stop.wait()
     log.info("signal received, shutting down (grace %gs)", config.shutdown_grace)
     await running.drain_and_stop()
@@ -433,6 +483,8 @@ def run_loop(main: Awaitable[None]) -> None:
 
 
 def run(config: Config, tokenizers: Tokenizers | None, path: str | None = None) -> None:
+    for warning in config_warnings(config):
+        log.warning("%s", warning)
     if config.workers > 1:
         from .workers import supervise
 

@@ -1,6 +1,7 @@
-"""A simulated LLM upstream: OpenAI chat completions and Responses, Anthropic messages and Ollama
-chat, streaming and not, in the chunk shapes the recorded corpus shows, with the usage each API
-reports. For the demo, benchmarks and load tests: no key, no network.
+"""A simulated LLM upstream: OpenAI chat completions and Responses, Anthropic messages (and
+count_tokens), Ollama chat and generate (and tags), streaming and not, in the event shapes the
+recorded corpus shows and the official SDKs expect, with the usage each API reports. For the
+demo, benchmarks and load tests: no key, no network.
 
 Pacing (time to first token, tokens per second), output length, an error rate (answered before
 the stream starts) and a mid-stream failure rate (the connection is cut) are settings.
@@ -15,7 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import tiktoken
 from aiohttp import web
+
+from .config import Metering
+from .dialects import Dialect
+from .prompt import PromptEstimator
+from .tokens import Tokenizers, count
 
 # fmt: off
 WORDS = (
@@ -39,9 +46,14 @@ class SimulatorSettings:
 
 
 class Simulator:
-    def __init__(self, settings: SimulatorSettings) -> None:
+    """`tokenizers`: report the tokens tallygate's own estimate counts (the model's tiktoken
+    encoding, the same prompt rules), so the demo's estimates and reported usage agree; None:
+    about four characters a token."""
+
+    def __init__(self, settings: SimulatorSettings, tokenizers: Tokenizers | None = None) -> None:
         self.settings = settings
         self.random = random.Random(settings.seed)
+        self.tokenizers = tokenizers
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -53,11 +65,15 @@ class Simulator:
         path = request.path.rstrip("/")
         if request.method == "GET" and path.endswith("/models"):
             return await self.models(request)
+        if request.method == "GET" and path.endswith("/api/tags"):
+            return await self.ollama_tags(request)
         for ending, handler in (
             ("/chat/completions", self.openai_chat),
             ("/responses", self.openai_responses),
             ("/messages", self.anthropic_messages),
+            ("/messages/count_tokens", self.anthropic_count_tokens),
             ("/api/chat", self.ollama_chat),
+            ("/api/generate", self.ollama_generate),
         ):
             if request.method == "POST" and path.endswith(ending):
                 return await handler(request)
@@ -88,11 +104,24 @@ class Simulator:
             return {}
         return body if isinstance(body, dict) else {}
 
-    @staticmethod
-    def _prompt_tokens(body: dict[str, Any]) -> int:
-        # About four characters a token: enough for a believable, consistent report.
-        text = orjson.dumps(body.get("messages") or body.get("input") or body.get("prompt") or "")
-        return max(1, len(text) // 4)
+    def _encoding(self, body: dict[str, Any]) -> tiktoken.Encoding | None:
+        if self.tokenizers is None:
+            return None
+        model = body.get("model")
+        return self.tokenizers.for_model(model if isinstance(model, str) else None).encoding
+
+    def _prompt_tokens(self, dialect: Dialect, body: dict[str, Any]) -> int:
+        encoding = self._encoding(body)
+        if encoding is None:  # about four characters a token: believable, consistent
+            text = orjson.dumps(body.get("messages") or body.get("input") or body.get("prompt"))
+            return max(1, len(text) // 4)
+        model = body.get("model")
+        estimator = PromptEstimator(encoding, Metering().image_tokens_default)
+        return estimator.estimate(dialect, body, model if isinstance(model, str) else None) or 0
+
+    def _output_tokens(self, body: dict[str, Any], words: list[str]) -> int:
+        encoding = self._encoding(body)
+        return len(words) if encoding is None else count(encoding, "".join(words))
 
     async def _stream(
         self, request: web.Request, content_type: str, events: list[bytes], tail: list[bytes]
@@ -134,10 +163,13 @@ class Simulator:
         # A dated version of the requested model, as the APIs report it (and prices resolve it).
         model = f"{body.get('model') or 'gpt-4o-mini'}-2025-01-01"
         words = self._words()
+        prompt = self._prompt_tokens("openai_chat", body)
+        # OpenAI bills the end-of-turn token of a text answer when tools were offered.
+        output = self._output_tokens(body, words) + bool(body.get("tools") or body.get("functions"))
         usage = {
-            "prompt_tokens": self._prompt_tokens(body),
-            "completion_tokens": len(words),
-            "total_tokens": self._prompt_tokens(body) + len(words),
+            "prompt_tokens": prompt,
+            "completion_tokens": output,
+            "total_tokens": prompt + output,
             "prompt_tokens_details": {"cached_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0},
         }
@@ -205,8 +237,9 @@ class Simulator:
                 status=self.settings.error_status or 500,
             )
         words = self._words()
-        prompt = self._prompt_tokens(body)
-        response = {
+        prompt = self._prompt_tokens("openai_responses", body)
+        output = self._output_tokens(body, words) + 1  # the end-of-turn token, always billed
+        response: dict[str, Any] = {
             "id": f"resp_sim{int(time.time() * 1000)}",
             "object": "response",
             "created_at": int(time.time()),
@@ -224,52 +257,48 @@ class Simulator:
             "usage": {
                 "input_tokens": prompt,
                 "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": len(words) + 1,
+                "output_tokens": output,
                 "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": prompt + len(words) + 1,
+                "total_tokens": prompt + output,
             },
         }
         if not body.get("stream"):
             await asyncio.sleep(self.settings.ttft)
             return web.json_response(response)
 
-        def event(kind: str, data: dict[str, Any]) -> bytes:
-            return (
-                b"event: "
-                + kind.encode()
-                + b"\ndata: "
-                + orjson.dumps({"type": kind, **data})
-                + b"\n\n"
-            )
+        sequence = iter(range(1 << 30))
 
+        def event(kind: str, data: dict[str, Any]) -> bytes:
+            body = {"type": kind, "sequence_number": next(sequence), **data}
+            return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body) + b"\n\n"
+
+        item: dict[str, Any] = response["output"][0]
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+        where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
         started = {**response, "status": "in_progress", "output": [], "usage": None}
-        events = [
+        head = (
             event("response.created", {"response": started})
+            + event("response.in_progress", {"response": started})
             + event(
-                "response.output_text.delta",
-                {"item_id": "msg_sim", "output_index": 0, "content_index": 0, "delta": words[0]},
+                "response.output_item.added",
+                {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
             )
+            + event("response.content_part.added", {**where, "part": part})
+        )
+        deltas = [
+            event("response.output_text.delta", {**where, "delta": w, "logprobs": []})
+            for w in words
         ]
-        events += [
-            event(
-                "response.output_text.delta",
-                {"item_id": "msg_sim", "output_index": 0, "content_index": 0, "delta": w},
-            )
-            for w in words[1:]
-        ]
+        text = "".join(words)
         tail = [
-            event(
-                "response.output_text.done",
-                {
-                    "item_id": "msg_sim",
-                    "output_index": 0,
-                    "content_index": 0,
-                    "text": "".join(words),
-                },
-            ),
+            event("response.output_text.done", {**where, "text": text, "logprobs": []}),
+            event("response.content_part.done", {**where, "part": {**part, "text": text}}),
+            event("response.output_item.done", {"output_index": 0, "item": item}),
             event("response.completed", {"response": response}),
         ]
-        return await self._stream(request, "text/event-stream; charset=utf-8", events, tail)
+        return await self._stream(
+            request, "text/event-stream; charset=utf-8", [head + deltas[0], *deltas[1:]], tail
+        )
 
     # -- Anthropic messages ---------------------------------------------------------------------
 
@@ -282,7 +311,8 @@ class Simulator:
             )
         words = self._words()
         model = f"{body.get('model') or 'claude-sonnet-4-5'}-20250101"
-        prompt = self._prompt_tokens(body)
+        prompt = self._prompt_tokens("anthropic_messages", body)
+        output = self._output_tokens(body, words)
         if not body.get("stream"):
             await asyncio.sleep(self.settings.ttft)
             return web.json_response(
@@ -295,7 +325,7 @@ class Simulator:
                     "stop_reason": "end_turn",
                     "usage": {
                         "input_tokens": prompt,
-                        "output_tokens": len(words),
+                        "output_tokens": output,
                         "cache_creation_input_tokens": 0,
                         "cache_read_input_tokens": 0,
                     },
@@ -352,7 +382,7 @@ class Simulator:
                 "message_delta",
                 {
                     "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                    "usage": {"output_tokens": len(words)},
+                    "usage": {"output_tokens": output},
                 },
             ),
             event("message_stop", {}),
@@ -370,7 +400,8 @@ class Simulator:
             )
         words = self._words()
         model = body.get("model") or "llama3"
-        prompt = self._prompt_tokens(body)
+        prompt = self._prompt_tokens("ollama_chat", body)
+        output = self._output_tokens(body, words)
 
         def line(content: str, done: bool = False) -> bytes:
             message: dict[str, Any] = {
@@ -385,7 +416,7 @@ class Simulator:
                         "done_reason": "stop",
                         "total_duration": 1,
                         "prompt_eval_count": prompt,
-                        "eval_count": len(words),
+                        "eval_count": output,
                     }
                 )
             return orjson.dumps(message) + b"\n"
@@ -398,6 +429,54 @@ class Simulator:
         return await self._stream(
             request, "application/x-ndjson", [line(w) for w in words], [line("", done=True)]
         )
+
+    async def anthropic_count_tokens(self, request: web.Request) -> web.StreamResponse:
+        body = await self._request(request)
+        return web.json_response({"input_tokens": self._prompt_tokens("anthropic_messages", body)})
+
+    async def ollama_generate(self, request: web.Request) -> web.StreamResponse:
+        body = await self._request(request)
+        if self._fails(self.settings.error_rate):
+            return web.json_response(
+                {"error": "model is overloaded, please try again"},
+                status=self.settings.error_status or 503,
+            )
+        words = self._words()
+        model = body.get("model") or "llama3"
+        prompt = self._prompt_tokens("ollama_generate", body)
+        output = self._output_tokens(body, words)
+
+        def line(text: str, done: bool = False) -> bytes:
+            message: dict[str, Any] = {
+                "model": model,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "response": text,
+                "done": done,
+            }
+            if done:
+                message.update({
+                    "done_reason": "stop", "context": [], "total_duration": 1,
+                    "prompt_eval_count": prompt, "eval_count": output,
+                })  # fmt: skip
+            return orjson.dumps(message) + b"\n"
+
+        if body.get("stream") is False:
+            await asyncio.sleep(self.settings.ttft)
+            return web.Response(
+                body=line("".join(words), done=True)[:-1], content_type="application/json"
+            )
+        return await self._stream(
+            request, "application/x-ndjson", [line(w) for w in words], [line("", done=True)]
+        )
+
+    async def ollama_tags(self, request: web.Request) -> web.StreamResponse:
+        """The models this upstream has, as Ollama lists them."""
+        details = {"format": "gguf", "family": "llama", "parameter_size": "8B",
+                   "quantization_level": "Q4_K_M"}  # fmt: skip
+        model = {"name": "llama3:latest", "model": "llama3:latest", "size": 4661224676,
+                 "digest": "sim", "modified_at": "2026-01-01T00:00:00Z",
+                 "details": details}  # fmt: skip
+        return web.json_response({"models": [model]})
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(

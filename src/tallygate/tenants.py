@@ -14,7 +14,9 @@ OTHER = "other"
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    # A header byte above 0x7F reaches us as a lone surrogate (aiohttp decodes heads with
+    # surrogateescape): hashed as the bytes sent, it matches no issued key, as any wrong key.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def presented_key(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> str | None:
@@ -61,7 +63,3 @@ class Tenants:
             if named:
                 return Identity(named if named in self.names else OTHER, by_key=False)
         return Identity(ANONYMOUS, by_key=False)
-
-    def label(self, tenant: str) -> str:
-        """A bounded metrics label: a configured name, anonymous, or other."""
-        return tenant if tenant in self.names or tenant == ANONYMOUS else OTHER

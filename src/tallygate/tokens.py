@@ -139,6 +139,7 @@ class Tokenizers:
 # less: most answers stay under this and are counted once, by tiktoken, when asked; longer ones
 # commit a window at a time, so the work stays linear and the tail bounded.
 _SPLIT_AFTER_CHARS = 8192
+_ONE_PIECE_CHARS = 64 * 1024
 _MAX_PIECES = 16
 
 
@@ -164,7 +165,12 @@ class TokenCounter:
         pieces = self._pieces
         pieces.append(text)
         self._size += len(text)
-        if self._size > self._split_at:
+        if len(text) > _ONE_PIECE_CHARS:
+            # A whole answer at once (a JSON body): splitting it here would run the pattern
+            # over all of it on the event loop; `total()` counts it in one call instead, which
+            # the relay makes off the loop when this much is waiting (see `pending`).
+            self._split_at = max(self._split_at, 2 * self._size)
+        elif self._size > self._split_at:
             self._split()
         elif len(pieces) > _MAX_PIECES:
             # A paced stream feeds a token at a time: a str object per token would cost a live
@@ -194,13 +200,18 @@ class TokenCounter:
                 return start
         return 0
 
+    @property
+    def pending(self) -> int:
+        """Characters fed and not counted yet: what `total()` has to encode."""
+        return self._size
+
     def total(self) -> int:
         """The count so far (the tail is counted now, not committed)."""
         if not self._size:
             return self._committed
         tail = "".join(self._pieces)
         self._pieces = [tail]
-        return self._committed + len(self._encoding.encode_ordinary(tail))
+        return self._committed + count(self._encoding, tail)
 
 
 _patterns: dict[str, regex.Pattern[str]] = {}
@@ -215,4 +226,21 @@ def _split_pattern(encoding: tiktoken.Encoding) -> regex.Pattern[str]:
 
 
 def count(encoding: tiktoken.Encoding, text: str) -> int:
-    return len(encoding.encode_ordinary(text)) if text else 0
+    """`len(encoding.encode_ordinary(text))`, without the list. tiktoken encodes with the GIL
+    released, but builds the list of a long text's tokens with it held (about 20 ms a million
+    tokens), so a prompt of megabytes counted in a thread would still pause the event loop; its
+    token buffer (what `encode_to_numpy` uses) is one copy. Without that private call (another
+    tiktoken), or for text tiktoken re-encodes (lone surrogates), the list it is."""
+    if not text:
+        return 0
+    to_buffer = getattr(getattr(encoding, "_core_bpe", None), "encode_to_tiktoken_buffer", None)
+    if to_buffer is not None:
+        try:
+            # No special token allowed: each is encoded as plain text, as encode_ordinary does.
+            return memoryview(to_buffer(text, _NO_SPECIALS)).nbytes // 4
+        except UnicodeEncodeError:
+            pass
+    return len(encoding.encode_ordinary(text))
+
+
+_NO_SPECIALS: frozenset[str] = frozenset()

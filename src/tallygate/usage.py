@@ -6,14 +6,19 @@ object written to the access log (documented field by field in docs/usage-record
 
 from __future__ import annotations
 
-import time
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
 
+from .cors import CorsPolicy
 from .dialects import Usage
-from .metering import RequestFacts, ResponseFacts
+from .metering import RequestFacts, ResponseFacts, ResponseMeter
 from .pricing import COST_KINDS, Cost
+
+if TYPE_CHECKING:  # the relay's bookkeeping only: the record itself needs no event loop
+    import asyncio
 
 # How a request ended: the record's `outcome` and the metrics' `outcome` label (docs/metrics.md).
 Outcome = Literal[
@@ -54,11 +59,11 @@ def received_head_size(start_line: str, raw_headers: Iterable[tuple[bytes, bytes
 
 @dataclass(slots=True)
 class Exchange:
-    request_id: str
+    request_id: str  # tallygate's own, unique
     method: str
     path: str
     started: float  # the event loop's clock
-    ts: float = field(default_factory=time.time)
+    ts: float = 0.0  # when the request arrived (Unix time): the relay's clock, set by it
     route: str = ""
     upstream: str = ""
     dialect: str = "none"
@@ -84,7 +89,14 @@ class Exchange:
     client_out_body: int = 0  # response body bytes as sent (after gzip)
     error_reason: str | None = None  # why the upstream failed (metrics' reason label)
     rejected_reason: str | None = None  # why tallygate refused the request (its error code)
+    client_request_id: str | None = None  # the client's X-Request-Id, when it is a sane one
+    client_address: str | None = None  # the peer, or the client behind trusted proxies
+    user_agent: str | None = None  # the client's User-Agent, at most USER_AGENT_CHARS
+    upstream_request_id: str | None = None  # the provider's id for the request, if it sent one
     streaming_counted: bool = False  # in tallygate_streams_active
+    cors: tuple[CorsPolicy, str] | None = None  # a cross-origin request's policy and origin
+    counting: asyncio.Future[None] | None = None  # a long prompt being counted in a thread
+    output_meter: ResponseMeter | None = None  # a long answer, its text to count in a thread
     cost: Cost | None = None
     upstream_status: int = 0  # the upstream's own status, once its head arrived; 0: none came
 
@@ -126,6 +138,10 @@ class Exchange:
         reported = self.response.model if self.response else None
         return reported or (self.request.model if self.request else None)
 
+    def answered_id(self) -> str:
+        """The id every response carries in `X-Request-Id`: the client's, else tallygate's."""
+        return self.client_request_id or self.request_id
+
     def record(self) -> dict[str, Any]:
         request, response = self.request, self.response
         usage, source = self.tokens()
@@ -134,6 +150,10 @@ class Exchange:
         return {
             "ts": _iso(self.ts),
             "request_id": self.request_id,
+            "client_request_id": self.client_request_id,
+            "upstream_request_id": self.upstream_request_id,
+            "client_address": self.client_address,
+            "user_agent": self.user_agent,
             "route": self.route,
             "upstream": self.upstream,
             "dialect": self.dialect,
@@ -196,5 +216,16 @@ def _since(start: float, moment: float | None) -> float | None:
 
 
 def _iso(ts: float) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    seconds = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{seconds}.{int(ts % 1 * 1000):03d}Z"
+
+
+USER_AGENT_CHARS = 256  # a User-Agent is recorded up to this; longer ones are cut
+
+# A request id a client may choose: 1 to 200 visible ASCII characters (UUIDs, `req_...`). Any
+# other value is not kept: it would go back in a response header and into every sink.
+_SANE_ID = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def sane_request_id(value: str | None) -> str | None:
+    return value if value is not None and _SANE_ID.fullmatch(value) else None

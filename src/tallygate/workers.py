@@ -24,7 +24,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from .config import Config
+from .config import Config, ListenError
 from .server import (
     WorkerSlot,
     _where,
@@ -66,8 +66,9 @@ def _spawn(
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
-        # A reload forwarded before this worker's loop handles SIGHUP must not end it.
+        # A reload or reopen forwarded before this worker's loop handles it must not end it.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         for sock in close:
             sock.close()
         _die_with_parent()
@@ -90,6 +91,11 @@ class Master:
         self.runtime = tempfile.mkdtemp(prefix="tallygate-")
         # Reserve the port (and learn it, when it is 0) without accepting on it ourselves.
         self.reserved = bind(config.listen, reuse_port=True, backlog=0)
+        try:
+            self.admin_sock = bind(config.admin.listen)  # before any worker starts
+        except ListenError:
+            self.reserved.close()
+            raise
         self.port = port_of(self.reserved)
         self.slots = [
             WorkerSlot(i, self.port, os.path.join(self.runtime, f"worker-{i}.sock"))
@@ -99,7 +105,7 @@ class Master:
         self.started: dict[int, float] = {}
         self.draining = False
         self.metrics = new_metrics(config)
-        self.sockets: list[socket.socket] = [self.reserved]
+        self.sockets: list[socket.socket] = [self.reserved, self.admin_sock]
         self.all_exited: asyncio.Event | None = None
 
     def spawn_all(self) -> None:
@@ -139,12 +145,12 @@ class Master:
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         if self.path is not None:
             on_signal(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
         self._reap()  # a worker may have gone before the handler was in place
         app = admin_app(lambda: self.draining, self.render, self.config.admin.metrics_token)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        admin_sock = bind(self.config.admin.listen)
-        self.sockets.append(admin_sock)
+        admin_sock = self.admin_sock
         await web.SockSite(runner, admin_sock).start()
         log.info(
             "tallygate listening on %s (admin %s), %d workers",
@@ -184,6 +190,12 @@ class Master:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
         report_reload(self.path, config, changed)
+
+    def _forward(self, signum: int) -> None:
+        """SIGUSR1: each worker reopens its access log."""
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def _reap(self) -> None:
         """On SIGCHLD: collect exited workers; start again those that died while serving."""
