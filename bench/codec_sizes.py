@@ -1,6 +1,6 @@
 """Beyond gzip: brotli and zstd with a flush per event, against gzip, on LLM streams.
 
-    python bench/codecs.py [--quick] [--reps N] [--streams N] [--per-stream] [--codec SPEC ...]
+    python bench/codec_sizes.py [--quick] [--reps N] [--streams N] [--per-stream] [--codec SPEC ...]
 
 Every codec compresses each stream one event per read with a flush after every event, so that
 the client can decode each event on arrival (as tallygate does for SSE and NDJSON):
