@@ -58,3 +58,13 @@ def test_the_pure_list_is_every_module_but_the_shell_and_its_helpers() -> None:
     # metrics (Prometheus' registry) are helpers with one edge of I/O each, kept at their edge.
     helpers = {"config", "pricing", "tokens", "metrics"}
     assert modules == set(PURE) | SHELL | helpers
+
+
+def test_no_import_circle_between_the_server_and_its_workers() -> None:
+    """workers.py runs above server.py (`run` chooses one process or several): server.py never
+    imports it back, at module level or inside a function."""
+    tree = ast.parse((PACKAGE / "server.py").read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+    }
+    assert "workers" not in imported

@@ -43,8 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    from .server import load_tokenizers, run  # aiohttp and uvloop load only to serve
+    from .server import load_tokenizers  # aiohttp and uvloop load only to serve
     from .tokens import TokenizerError
+    from .workers import run
 
     try:
         tokenizers = load_tokenizers(config)

@@ -29,7 +29,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .accesslog import AccessLog
-from .checks import config_warnings
 from .config import Config, ConfigError, Listen, ListenError, effective_config, load_config
 from .connection import Listener
 from .metrics import Metrics, config_hash
@@ -433,8 +432,8 @@ async def serve(
     if worker is None:
         log.info(
             "tallygate listening on %s (admin %s), event loop %s",
-            _where(config.listen, running.proxy_port),
-            _where(config.admin.listen, running.admin_port),
+            where(config.listen, running.proxy_port),
+            where(config.admin.listen, running.admin_port),
             loop_name,
         )
     else:
@@ -468,7 +467,7 @@ def report_reload(path: str, config: Config, changed: list[str]) -> None:
                     ", ".join(changed))  # fmt: skip
 
 
-def _where(listen: Listen, port: int) -> str:
+def where(listen: Listen, port: int) -> str:
     scheme = "https://" if listen.tls else ""
     return scheme + str(Listen(listen.host, port))
 
@@ -480,14 +479,3 @@ def run_loop(main: Awaitable[None]) -> None:
         asyncio.run(main)  # type: ignore[arg-type]
     else:
         uvloop.run(main)  # type: ignore[arg-type]
-
-
-def run(config: Config, tokenizers: Tokenizers | None, path: str | None = None) -> None:
-    for warning in config_warnings(config):
-        log.warning("%s", warning)
-    if config.workers > 1:
-        from .workers import supervise
-
-        supervise(config, tokenizers, path)
-    else:
-        run_loop(serve(config, tokenizers, path=path))

@@ -24,10 +24,10 @@ import time
 import aiohttp
 from aiohttp import web
 
+from .checks import config_warnings
 from .config import Config, ListenError
 from .server import (
     WorkerSlot,
-    _where,
     admin_app,
     bind,
     new_metrics,
@@ -39,6 +39,7 @@ from .server import (
     report_reload,
     run_loop,
     serve,
+    where,
 )
 from .tokens import Tokenizers
 
@@ -154,8 +155,8 @@ class Master:
         await web.SockSite(runner, admin_sock).start()
         log.info(
             "tallygate listening on %s (admin %s), %d workers",
-            _where(self.config.listen, self.port),
-            _where(self.config.admin.listen, port_of(admin_sock)),
+            where(self.config.listen, self.port),
+            where(self.config.admin.listen, port_of(admin_sock)),
             len(self.slots),
         )
         await stop.wait()
@@ -220,6 +221,17 @@ class Master:
     def _restart(self, slot: WorkerSlot) -> None:
         if not self.draining:
             self._spawn(slot)
+
+
+def run(config: Config, tokenizers: Tokenizers | None, path: str | None = None) -> None:
+    """`tallygate serve`: one process, or a master and `workers` processes on one port. (Here,
+    above both, so that server.py never imports this module: no import circle.)"""
+    for warning in config_warnings(config):
+        log.warning("%s", warning)
+    if config.workers > 1:
+        supervise(config, tokenizers, path)
+    else:
+        run_loop(serve(config, tokenizers, path=path))
 
 
 def supervise(config: Config, tokenizers: Tokenizers | None, path: str | None = None) -> None:
