@@ -207,3 +207,40 @@ def test_an_address_in_use_is_one_line_and_exit_1(taken: str, tmp_path: Path) ->
         )
     assert done.returncode == 1
     assert done.stderr == f"tallygate: cannot listen on {busy}: address already in use\n"
+
+
+async def test_a_second_multi_worker_tallygate_on_the_same_port_is_refused(tmp_path: Path) -> None:
+    """The workers share their port with SO_REUSEPORT, which any process of the same user could
+    join: a second tallygate must be refused, not served half the connections."""
+    import asyncio
+    import signal
+
+    from conftest import start_serve
+
+    config = {
+        "listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}, "workers": 2,
+        "upstreams": {"a": {"url": "http://127.0.0.1:1"}},
+        "routes": [{"path_prefix": "/", "upstream": "a"}],
+    }  # fmt: skip
+    first, port, _, _ = await start_serve(tmp_path, config, workers=2)
+    try:
+        second = tmp_path / "second.yaml"
+        second.write_text(yaml.safe_dump({**config, "listen": f"127.0.0.1:{port}"}))
+        done = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tallygate", "serve", "-c", str(second),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            _, err = await asyncio.wait_for(done.communicate(), 30)
+        except TimeoutError:  # it serves: stop it, and fail
+            done.kill()
+            await done.wait()
+            raise
+        assert done.returncode == 1
+        assert (
+            err.decode()
+            == f"tallygate: cannot listen on 127.0.0.1:{port}: address already in use\n"
+        )
+    finally:
+        first.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(first.wait(), 30)

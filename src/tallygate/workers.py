@@ -91,6 +91,10 @@ class Master:
         self.path = path
         self.runtime = tempfile.mkdtemp(prefix="tallygate-")
         # Reserve the port (and learn it, when it is 0) without accepting on it ourselves.
+        if config.listen.port:
+            # SO_REUSEPORT lets any process of this user share the port: bind once without it
+            # first, so that a port another tallygate (or anything) holds is refused, not shared.
+            bind(config.listen, backlog=0).close()
         self.reserved = bind(config.listen, reuse_port=True, backlog=0)
         try:
             self.admin_sock = bind(config.admin.listen)  # before any worker starts
