@@ -7,11 +7,33 @@ import ipaddress
 from urllib.parse import urlsplit
 
 from .config import Config, Route
-from .routing import prefix_matches
+from .routing import canonical_path, path_problem, prefix_matches
 
 
 def config_warnings(config: Config) -> list[str]:
-    return [*_shadowed_routes(config.routes), *_v1_upstreams(config), *_open_relay(config)]
+    return [
+        *_unroutable_prefixes(config.routes), *_shadowed_routes(config.routes),
+        *_v1_upstreams(config), *_open_relay(config),
+    ]  # fmt: skip
+
+
+def _unroutable_prefixes(routes: tuple[Route, ...]) -> list[str]:
+    """Prefixes no routed path can start with: routes see the path without its query, after
+    requests with a dangerous path are refused (`path_problem`), in its one spelling
+    (`canonical_path`)."""
+    found = []
+    for i, route in enumerate(routes):
+        prefix = route.path_prefix
+        if "?" in prefix:
+            why = "a routed path never holds '?' (routes match the path, not its query)"
+        elif (problem := path_problem(prefix)) is not None:
+            why = f"a request whose path holds a {problem} is refused before routing"
+        elif (canonical := canonical_path(prefix)) != prefix:
+            why = f"requests are routed by the path's one spelling: write it {canonical}"
+        else:
+            continue
+        found.append(f"routes[{i}] ({prefix}) never matches: {why}")
+    return found
 
 
 def _covers(earlier: str, later: str) -> bool:

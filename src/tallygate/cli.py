@@ -131,6 +131,32 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked(parse: Any) -> Any:
+    """An argparse type that refuses what `parse` refuses, with its message, as a usage error
+    (exit 2, the option named), and passes the text on as it is."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    return check
+
+
+def _duration_or_zero(text: str) -> float:
+    from .config import parse_duration
+
+    return 0.0 if text in ("0", "0s") else parse_duration(text)
+
+
+def _listen(text: str) -> object:
+    from .config import parse_listen
+
+    return parse_listen(text)
+
+
 def _http_error_status(text: str) -> int:
     if not text.isdigit() or not 400 <= int(text) <= 599:
         raise argparse.ArgumentTypeError(f"expected an HTTP error status (400-599), got {text!r}")
@@ -139,8 +165,9 @@ def _http_error_status(text: str) -> int:
 
 def _add_simulator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--ttft", default="200ms", help="time to the first token (default: %(default)s)"
-    )
+        "--ttft", default="200ms", type=_checked(_duration_or_zero), metavar="DURATION",
+        help="time to the first token (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--tokens-per-second", type=float, default=50.0,
         help="output pace; 0: no pacing (default: %(default)s)",
@@ -212,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tokenizer_commands = tokenizers.add_subparsers(dest="tokenizers_command", required=True)
     fetch = tokenizer_commands.add_parser(
-        "fetch", help="download encodings into a directory, for offline images"
+        "fetch", help="download encodings into a directory, for offline images", parents=[common]
     )
     fetch.add_argument("--dir", required=True, help="where to put them (TIKTOKEN_CACHE_DIR)")
     fetch.add_argument(
@@ -234,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )  # fmt: skip
     simulate.add_argument(
-        "--listen", default="127.0.0.1:8001", help="where to listen (default: %(default)s)"
-    )
+        "--listen", default="127.0.0.1:8001", type=_checked(_listen), metavar="HOST:PORT",
+        help="where to listen (default: %(default)s)",
+    )  # fmt: skip
     _add_simulator_options(simulate)
     simulate.set_defaults(func=_simulate)
 
@@ -244,10 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )  # fmt: skip
     demo.add_argument(
-        "--listen", default="127.0.0.1:8080", help="tallygate's proxy (default: %(default)s)"
-    )
+        "--listen", default="127.0.0.1:8080", type=_checked(_listen), metavar="HOST:PORT",
+        help="tallygate's proxy (default: %(default)s)",
+    )  # fmt: skip
     demo.add_argument(
-        "--admin", default="127.0.0.1:9464",
+        "--admin", default="127.0.0.1:9464", type=_checked(_listen), metavar="HOST:PORT",
         help="tallygate's admin listener, /metrics (default: %(default)s)",
     )  # fmt: skip
     _add_simulator_options(demo)

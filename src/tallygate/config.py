@@ -216,8 +216,9 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Scalars with units
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$|^\s*((?:\d+(?:\.\d+)?(?:ms|s|m|h|d)\s*)+)$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# A space may part a number from its unit: `30 s`, `1h 30m`.
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$|^\s*((?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)\s*)+)$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
 _SIZE_UNITS = {
@@ -260,6 +261,8 @@ def parse_size(value: object) -> int:
     else:
         match = _SIZE.match(str(value))
         if not match:
+            if str(value).strip().startswith("-") and _SIZE.match(str(value).strip()[1:]):
+                raise ValueError(f"must be positive, got {value!r}")
             raise ValueError(f"expected a size like 512KiB or 32MiB, got {value!r}")
         size = int(match[1]) * _SIZE_UNITS[match[2]]
     if size <= 0:

@@ -5,6 +5,7 @@ and the headers of the response we relay. Pure: header maps in, header maps out.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -71,14 +72,28 @@ def client_address(peer: str | None, headers: Headers, trusted: tuple[Network, .
     forwarded_for = headers.getall("X-Forwarded-For", ())
     hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
     for hop in reversed(hops):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
+        found = _hop_address(hop)
+        if found is None:
             return address  # not an address: the last trusted hop is all we know
-        address = hop
-        if not is_trusted(hop, trusted):
+        address = found
+        if not is_trusted(found, trusted):
             break
     return address
+
+
+_HOP_WITH_PORT = re.compile(r"^(?:\[([^\]]+)\]|([^:\[\]]+))(?::\d{1,5})?$")
+
+
+def _hop_address(hop: str) -> str | None:
+    """The address of one `X-Forwarded-For` hop, with the port some proxies add (`1.2.3.4:5678`,
+    `[2001:db8::1]:443`) left out, as nginx's real_ip reads it; None when it is no address."""
+    with_port = _HOP_WITH_PORT.match(hop)
+    if with_port is not None:
+        hop = with_port[1] or with_port[2]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
