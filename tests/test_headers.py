@@ -336,3 +336,14 @@ def test_the_documented_record_has_every_field_of_a_real_one(
     assert shape(example) == shape(record)
     for field in record:
         assert f"`{field}`" in doc or f"`{field}." in doc or f", `{field}`" in doc, field
+
+
+def test_every_outcome_is_documented() -> None:
+    from typing import get_args
+
+    from tallygate.usage import Outcome
+
+    doc = (ROOT / "docs" / "usage-record.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `outcome` |"))
+    for outcome in get_args(Outcome):
+        assert f"`{outcome}`" in row, outcome
