@@ -235,6 +235,11 @@ class UpstreamDecoder:
         return self._decompressor.decompress(data, self._limit)
 
     @property
+    def ended(self) -> bool:
+        """The coded stream's end has been inflated (a body cut short has not)."""
+        return self._decompressor.eof
+
+    @property
     def pending(self) -> bool:
         """Input fed but not yet inflated (the output limit stopped it)."""
         return bool(self._decompressor.unconsumed_tail)
@@ -254,12 +259,11 @@ def inflate_request(body: bytes, coding: str, limit: int) -> bytes | None:
     inflates past `limit` (inflating stops there: a small bomb costs `limit`, not its size)."""
     if coding not in UpstreamDecoder.DECODABLE:
         return None
-    raw = coding == "deflate" and body[:1] and body[0] & 0x0F != 8  # no zlib header
-    decompressor = zlib.decompressobj(-zlib.MAX_WBITS if raw else 32 + zlib.MAX_WBITS)
+    decoder = UpstreamDecoder(coding, limit + 1)
     try:
-        plain = decompressor.decompress(body, limit + 1)
+        plain = decoder.feed(body)
     except zlib.error:
         return None
-    if len(plain) > limit or not decompressor.eof:
+    if len(plain) > limit or not decoder.ended:
         return None
     return plain
