@@ -276,14 +276,12 @@ class Proxy:
         exchange.ended = self._loop.time()
         exchange.outcome = exchange.final_outcome()
         facts = exchange.request
-        if exchange.counting is None and facts is not None and facts.parsed is not None:
-            if self.tokenizers is not None and facts.parsed_size > ESTIMATE_INLINE_BYTES:
-                self._count_prompt(exchange)
-            else:
-                estimate_input(
-                    facts, cast(Dialect, exchange.dialect), self.tokenizers, self.metering,
-                    exchange.metering_errors, exchange.request_id,
-                )  # fmt: skip
+        counted_apart = exchange.counting is not None or self._count_prompt(exchange)
+        if facts is not None and facts.parsed is not None and not counted_apart:
+            estimate_input(
+                facts, cast(Dialect, exchange.dialect), self.tokenizers, self.metering,
+                exchange.metering_errors, exchange.request_id,
+            )  # fmt: skip
         waiting = [exchange.counting] if exchange.counting is not None else []
         if exchange.output_meter is not None:
             waiting.append(self._in_thread(functools.partial(self._count_output, exchange)))
@@ -319,17 +317,25 @@ class Proxy:
         done.add_done_callback(self._estimates.discard)
         return done
 
-    def _count_prompt(self, exchange: Exchange) -> None:
+    def _count_prompt(self, exchange: Exchange) -> bool:
         """Count a long prompt in a thread (tiktoken lets go of the GIL while it encodes: the
         other streams go on), from as soon as the request is forwarded; the parsed body is let
-        go once counted. `finish` writes the record when this is done."""
+        go once counted. `finish` writes the record when this is done. False, and nothing done,
+        for a prompt short enough to count on the event loop (or none to count)."""
         facts = exchange.request
-        assert facts is not None
+        if (
+            facts is None
+            or facts.parsed is None
+            or self.tokenizers is None
+            or facts.parsed_size <= ESTIMATE_INLINE_BYTES
+        ):
+            return False
         estimate = functools.partial(
             estimate_input, facts, cast(Dialect, exchange.dialect), self.tokenizers,
             self.metering, exchange.metering_errors, exchange.request_id,
         )  # fmt: skip
         exchange.counting = self._in_thread(estimate)
+        return True
 
     def _record(self, exchange: Exchange) -> None:
         self.records += 1
@@ -487,8 +493,7 @@ class Proxy:
             # A tallygate-issued key is ours: it never travels upstream.
             drop_client_credentials=identity.by_key,
         )  # fmt: skip
-        if facts.parsed is not None and facts.parsed_size > ESTIMATE_INLINE_BYTES:
-            self._count_prompt(exchange)  # now, in a thread: its text is let go once counted
+        self._count_prompt(exchange)  # a long one, now, in a thread: let go once counted
         # From here the body lives in `facts` only, which lets it go once it is sent.
         del body, plain
         return await self._forward(request, exchange, upstream, target, headers, facts.body)
