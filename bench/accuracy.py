@@ -18,9 +18,9 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from tallygate.dialects import detect_dialect
-from tallygate.metering import MeteringSettings, ResponseMeter, estimate_input, read_request
-from tallygate.tokens import Tokenizers
+from tallygate.core.dialects import detect_dialect
+from tallygate.core.meter import MeteringSettings, ResponseMeter, estimate_input, read_request
+from tallygate.runtime.encodings import load_tokenizers
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CORPUS = HERE.parent / "tests" / "corpus"
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     if SHARED_CACHE.is_dir():
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_CACHE))
-    tokenizers = Tokenizers.load()
+    tokenizers = load_tokenizers()
     settings = MeteringSettings(request_usage=False)
 
     rows = []

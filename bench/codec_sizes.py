@@ -53,9 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tallygate.compression import GzipEncoder, GzipSettings, flush_policy
 from tallygate.config import Compression
-from tallygate.framing import NdjsonFramer, SseFramer
+from tallygate.core.codec import GzipEncoder, GzipSettings, flush_policy
+from tallygate.core.framing import NdjsonFramer, SseFramer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tallygate.compression import GzipEncoder, GzipSettings, flush_policy
-from tallygate.framing import NdjsonFramer, SseFramer
+from tallygate.core.codec import GzipEncoder, GzipSettings, flush_policy
+from tallygate.core.framing import NdjsonFramer, SseFramer
 
 
 def events(body: bytes, ndjson: bool) -> list[bytes]:

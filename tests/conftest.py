@@ -19,8 +19,8 @@ import yaml
 from aiohttp import web
 
 from tallygate.config import Config, load_config_text
-from tallygate.dialects import Usage
-from tallygate.server import Running, start
+from tallygate.core.dialects import Usage
+from tallygate.proxy.server import Running, start
 
 ROOT = Path(__file__).resolve().parent.parent
 # The recorded corpus lives in the repository (see corpus/PROVENANCE.md).
@@ -236,7 +236,7 @@ async def make_proxy(upstream: FakeUpstream, records: RecordLog) -> AsyncIterato
 
     async def factory(upstream_url: str | None = None, **overrides: Any) -> Running:
         config = config_for(upstream_url or upstream.url, **overrides)
-        running = await start(config, on_record=lambda exchange: records.add(exchange.record()))
+        running = await start(config, on_record=lambda record: records.add(record.as_dict()))
         started.append(running)
         return running
 

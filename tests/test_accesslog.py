@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from test_metrics import by_labels, samples
 
-from tallygate.accesslog import AccessLog
+from tallygate.observe.accesslog import AccessLog
 
 from conftest import FakeUpstream, ProxyFactory
 

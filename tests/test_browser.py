@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from test_clients import WORDS, Gate
 
-from tallygate.tenants import hash_key
+from tallygate.policy.tenants import hash_key
 
 from conftest import FakeUpstream, ProxyFactory, RecordLog
 

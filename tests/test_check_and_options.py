@@ -18,7 +18,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tallygate import cli
-from tallygate.checks import config_warnings
 from tallygate.config import (
     ConfigError,
     effective_config,
@@ -27,7 +26,8 @@ from tallygate.config import (
     parse_duration,
     parse_size,
 )
-from tallygate.headers import client_address
+from tallygate.config.checks import config_warnings
+from tallygate.policy.headers import client_address
 
 from conftest import CASES, ROOT, FakeUpstream, ProxyFactory, RecordLog
 

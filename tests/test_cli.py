@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from tallygate import cli
-from tallygate.checks import config_warnings
 from tallygate.config import (
     ConfigError,
     effective_config,
@@ -20,6 +19,7 @@ from tallygate.config import (
     load_config_text,
     parse_duration,
 )
+from tallygate.config.checks import config_warnings
 
 from conftest import ROOT
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tallygate.compression import (
+from tallygate.core.codec import (
     GzipEncoder,
     GzipSettings,
     UpstreamDecoder,

@@ -8,8 +8,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tallygate.cors import CorsPolicy
-from tallygate.tenants import hash_key
+from tallygate.policy.cors import CorsPolicy
+from tallygate.policy.tenants import hash_key
 
 from conftest import FakeUpstream, ProxyFactory, RecordLog
 

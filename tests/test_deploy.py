@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from tallygate.checks import config_warnings
 from tallygate.config import Config, load_config_text
+from tallygate.config.checks import config_warnings
 
 from conftest import ROOT
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tallygate.dialects import Extractor, OpenAIChat, Usage, detect_dialect, extractor_for
-from tallygate.framing import NdjsonFramer, SseFramer
+from tallygate.core.dialects import Extractor, OpenAIChat, Usage, detect_dialect, extractor_for
+from tallygate.core.framing import NdjsonFramer, SseFramer
 
 from conftest import CASES, Case, expected_usage
 

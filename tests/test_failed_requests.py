@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from test_metrics import by_labels, samples, scrape
 
-from tallygate.tenants import hash_key
+from tallygate.policy.tenants import hash_key
 
 from conftest import FakeUpstream, ProxyFactory, RecordLog
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tallygate.framing import EventTooLarge, NdjsonFramer, NdjsonLine, SseEvent, SseFramer
+from tallygate.core.framing import EventTooLarge, NdjsonFramer, NdjsonLine, SseEvent, SseFramer
 
 from conftest import CASES, Case
 

@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tallygate.config import ConfigError, load_config_text
-from tallygate.dialects import Dialect, extractor_for
-from tallygate.framing import EventTooLarge, NdjsonFramer, SseFramer
-from tallygate.metering import MeteringSettings, ResponseMeter
-from tallygate.prompt import PromptEstimator
-from tallygate.tokens import Tokenizers
+from tallygate.core.dialects import Dialect, extractor_for
+from tallygate.core.framing import EventTooLarge, NdjsonFramer, SseFramer
+from tallygate.core.meter import MeteringSettings, ResponseMeter
+from tallygate.core.prompt import PromptEstimator
+from tallygate.core.tokens import Tokenizers
+from tallygate.runtime.encodings import load_tokenizers
 
 from conftest import CASES
 
@@ -161,7 +162,7 @@ def test_the_prompt_counter_takes_any_request(dialect: Dialect, request: Any) ->
 
 @functools.cache
 def _tokenizers() -> Tokenizers:
-    return Tokenizers.load("o200k_base", ())
+    return load_tokenizers("o200k_base", ())
 
 
 @FUZZ

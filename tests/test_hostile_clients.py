@@ -19,7 +19,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tallygate.tenants import hash_key
+from tallygate.policy.tenants import hash_key
 
 from conftest import CASES, FakeUpstream, ProxyFactory, RecordLog
 

@@ -1,70 +1,121 @@
-"""The layering docs/architecture.md describes, held by the code: the pure modules take bytes
-and values and return values. They import no event loop, no HTTP library, no clock and nothing
-that reaches the file system or the network, and none of them imports the modules that do I/O."""
+"""The layering docs/architecture.md describes, held by the code.
+
+- `core/` is pure: it takes bytes and values and returns values. It imports no event loop, no
+  HTTP library, no clock and nothing that reaches the file system or the network, and nothing
+  of tallygate outside `core/`.
+- `policy/` decides, never awaits: the same libraries are off limits; it reads `core/` and the
+  configuration's shape (`config.schema`), nothing else of tallygate.
+- Nothing a finished request feeds (`observe/`, and the ledger when it lands) and no policy
+  imports the proxy (`proxy/`), at module level or inside a function.
+- `proxy/server.py` never imports the process supervisor (`runtime/workers.py`) back.
+"""
 
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 
 PACKAGE = ROOT / "src" / "tallygate"
-
-# Pure: framing, coding, dialects, estimates, counting arithmetic, prices, policies.
-PURE = [
-    "checks", "compression", "cors", "dialects", "errors", "framing", "headers", "metering",
-    "prompt", "routing", "tenants", "usage",
-]  # fmt: skip
+PACKAGES = ("config", "core", "dev", "observe", "policy", "proxy", "runtime")
+PURE = ("core", "policy")
 # What a pure module must not import (at run time: type-checking imports are not imports).
 IMPURE_LIBRARIES = {
-    "asyncio", "aiohttp", "socket", "ssl", "time", "os", "pathlib", "tempfile", "shutil",
-    "subprocess", "threading", "signal", "uvloop", "urllib.request", "http",
+    "asyncio", "aiohttp", "socket", "ssl", "time", "os", "pathlib", "tempfile", "shutil", "io",
+    "subprocess", "threading", "signal", "uvloop", "urllib.request", "http", "importlib",
+    "yaml", "prometheus_client",
 }  # fmt: skip
-# tallygate's own modules that do I/O or hold the event loop.
-SHELL = {"relay", "server", "workers", "connection", "accesslog", "cli", "demo", "simulator"}
+# Which of tallygate's own modules each pure package may import.
+ALLOWED_OWN = {
+    "core": ("tallygate.core",),
+    "policy": ("tallygate.core", "tallygate.policy", "tallygate.config.schema"),
+}
+NEVER_IMPORT_THE_PROXY = ("observe", "policy", "ledger")
 
 
-def runtime_imports(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+def modules(package: str) -> list[Path]:
+    return sorted((PACKAGE / package).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    return "tallygate." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+def imports(path: Path, *, runtime_only: bool = True, top_level_only: bool = True) -> set[str]:
+    """Absolute names `path` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    package = module_name(path).rsplit(".", 1)[0] if path.is_relative_to(PACKAGE) else ""
     found: set[str] = set()
-    for node in tree.body:  # module level only: that is where the imports are
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
-        for inner in ast.walk(node):
-            if isinstance(inner, ast.Import):
-                found.update(alias.name for alias in inner.names)
-            elif isinstance(inner, ast.ImportFrom):
-                prefix = "." * inner.level
-                found.add(prefix + (inner.module or ""))
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+
+    def visit(node: ast.AST) -> None:
+        if runtime_only and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if top_level_only and isinstance(node, functions):
+            return  # imported when called, not when the module loads
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0]
+                name = f"{base}.{node.module}" if node.module else base
+            else:
+                name = node.module or ""
+            found.add(name)
+            found.update(f"{name}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
     return found
 
 
-@pytest.mark.parametrize("module", PURE)
-def test_a_pure_module_does_no_io(module: str) -> None:
-    imports = runtime_imports(module)
-    libraries = {name for name in imports if not name.startswith(".")}
-    bad = {name for name in libraries if name in IMPURE_LIBRARIES or name.split(".")[0] in
-           IMPURE_LIBRARIES}  # fmt: skip
-    assert not bad, f"{module} imports {sorted(bad)}"
-    own = {name.lstrip(".") for name in imports if name.startswith(".")}
-    assert not own & SHELL, f"{module} imports the shell: {sorted(own & SHELL)}"
+@pytest.mark.parametrize(
+    "path", [p for pkg in PURE for p in modules(pkg)], ids=lambda p: module_name(p)
+)
+def test_a_pure_module_does_no_io_and_stays_in_its_layer(path: Path) -> None:
+    package = path.relative_to(PACKAGE).parts[0]
+    found = imports(path)
+    bad = {n for n in found if n.split(".")[0] in IMPURE_LIBRARIES or n in IMPURE_LIBRARIES}
+    assert not bad, f"{module_name(path)} imports {sorted(bad)}"
+    own = {n for n in found if n.startswith("tallygate.") or n == "tallygate"}
+    outside = {
+        n for n in own
+        if not any(n == a or n.startswith(a + ".") for a in ALLOWED_OWN[package])
+        and not any(a.startswith(n + ".") for a in ALLOWED_OWN[package])  # `from pkg import mod`
+    }  # fmt: skip
+    assert not outside, f"{module_name(path)} imports {sorted(outside)} from outside its layer"
 
 
-def test_the_pure_list_is_every_module_but_the_shell_and_its_helpers() -> None:
-    modules = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
-    # config (reads the file), pricing (reads its table), tokens (tiktoken's cache files) and
-    # metrics (Prometheus' registry) are helpers with one edge of I/O each, kept at their edge.
-    helpers = {"config", "pricing", "tokens", "metrics"}
-    assert modules == set(PURE) | SHELL | helpers
+@pytest.mark.parametrize("package", NEVER_IMPORT_THE_PROXY)
+def test_sinks_and_policies_never_import_the_proxy(package: str) -> None:
+    for path in modules(package):
+        found = imports(path, runtime_only=False, top_level_only=False)
+        proxy = {n for n in found if n.startswith("tallygate.proxy")}
+        assert not proxy, f"{module_name(path)} imports {sorted(proxy)}"
+
+
+def test_every_module_lives_in_a_package_that_names_its_layer() -> None:
+    loose = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli"}
+    assert not loose, f"modules outside the layered packages: {sorted(loose)}"
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert packages == set(PACKAGES)
 
 
 def test_no_import_circle_between_the_server_and_its_workers() -> None:
-    """workers.py runs above server.py (`run` chooses one process or several): server.py never
-    imports it back, at module level or inside a function."""
-    tree = ast.parse((PACKAGE / "server.py").read_text())
-    imported = {
-        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
-    }
-    assert "workers" not in imported
+    """runtime/workers.py runs above proxy/server.py (`run` chooses one process or several):
+    the server never imports it back, at module level or inside a function."""
+    found = imports(PACKAGE / "proxy" / "server.py", runtime_only=False, top_level_only=False)
+    assert not {n for n in found if n.startswith("tallygate.runtime.workers")}
+
+
+def test_the_layer_rules_catch_a_violation(tmp_path: Path) -> None:
+    """The checks above are not vacuous: an impure import is seen, at any depth."""
+    sample = tmp_path / "sample.py"
+    sample.write_text("import os\ndef f():\n    from tallygate.proxy import relay\n")
+    assert "os" in imports(sample)
+    assert "tallygate.proxy.relay" in imports(sample, top_level_only=False)
+    assert "tallygate.proxy.relay" not in imports(sample)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tallygate.dialects import Usage, detect_dialect
-from tallygate.metering import MeteringSettings, ResponseMeter
-from tallygate.tokens import Tokenizers
+from tallygate.core.dialects import Usage, detect_dialect
+from tallygate.core.meter import MeteringSettings, ResponseMeter
+from tallygate.core.tokens import Tokenizers
+from tallygate.runtime.encodings import load_tokenizers
 
 from conftest import CASES, Case
 
@@ -18,7 +19,7 @@ USAGE_ONLY = (
 
 @pytest.fixture(scope="module")
 def tokenizers() -> Tokenizers:
-    return Tokenizers.load()
+    return load_tokenizers()
 
 
 def meter_for(case: Case, tokenizers: Tokenizers, strip: bool) -> ResponseMeter:

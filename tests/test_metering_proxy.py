@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tallygate import relay
-from tallygate.metering import ResponseMeter, estimate_input
+from tallygate.core.meter import ResponseMeter, estimate_input
+from tallygate.proxy import relay
 
 from conftest import CASES, Case, FakeUpstream, ProxyFactory, RecordLog, expected_usage, gunzip
 

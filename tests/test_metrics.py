@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tallygate.tenants import hash_key
+from tallygate.policy.tenants import hash_key
 
 from conftest import CASES, FakeUpstream, ProxyFactory, RecordLog
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tallygate.tenants import hash_key
+from tallygate.policy.tenants import hash_key
 
 from conftest import FakeUpstream, ProxyFactory
 

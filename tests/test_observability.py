@@ -71,7 +71,7 @@ def test_dashboard_is_consistent() -> None:
 def test_dashboard_and_rules_use_only_exported_metrics() -> None:
     from prometheus_client import CollectorRegistry
 
-    from tallygate.metrics import Metrics
+    from tallygate.observe.metrics import Metrics
 
     metrics = Metrics(CollectorRegistry(), ["/"], ["u"], [], 5, "x")
     exported = set()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tallygate.dialects import Usage
-from tallygate.pricing import (
+from tallygate.config.prices import default_price_table
+from tallygate.core.dialects import Usage
+from tallygate.core.pricing import (
     Costing,
     EgressMeter,
     EgressPrice,
     EgressTier,
     PriceTable,
     TokenPrice,
-    default_price_table,
 )
 
 GIB = 2**30
@@ -287,7 +287,7 @@ def test_every_family_of_the_shipped_table_has_a_date_and_a_source() -> None:
 def test_price_table_age_warning() -> None:
     from datetime import date
 
-    from tallygate.pricing import price_table_age_warning
+    from tallygate.core.pricing import price_table_age_warning
 
     assert price_table_age_warning("2025-11-30", date(2025, 12, 1)) is None
     assert price_table_age_warning("2025-11-30", date(2026, 2, 28)) is None  # 90 days

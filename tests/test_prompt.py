@@ -9,7 +9,7 @@ import zlib
 import pytest
 import tiktoken
 
-from tallygate.prompt import (
+from tallygate.core.prompt import (
     PromptEstimator,
     anthropic_image_tokens,
     image_size,

@@ -10,8 +10,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from tallygate.config import Metering
-from tallygate.simulator import Simulator, SimulatorSettings
-from tallygate.tokens import Tokenizers
+from tallygate.dev.simulator import Simulator, SimulatorSettings
+from tallygate.runtime.encodings import load_tokenizers
 
 from conftest import FakeUpstream, ProxyFactory, RecordLog, gunzip
 
@@ -178,7 +178,7 @@ async def test_error_status_chooses_the_status_of_every_dialect_s_errors(
 @pytest.fixture
 def counted(upstream: FakeUpstream) -> Simulator:
     """The simulator as the demo runs it: counting with tallygate's own tokenizers."""
-    tokenizers = Tokenizers.load(Metering().default_encoding)
+    tokenizers = load_tokenizers(Metering().default_encoding)
     settings = SimulatorSettings(ttft=0, tokens_per_second=0, output_tokens=40, seed=1)
     simulator = Simulator(settings, tokenizers)
     upstream.handler = simulator.dispatch

@@ -15,8 +15,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tallygate.dialects import OpenAIChat
-from tallygate.framing import NdjsonFramer, SseFramer
+from tallygate.core.dialects import OpenAIChat
+from tallygate.core.framing import NdjsonFramer, SseFramer
 
 from conftest import CASES, FakeUpstream, ProxyFactory, RecordLog
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tallygate.config import ConfigError, load_config_text
-from tallygate.tenants import Tenants, hash_key
+from tallygate.policy.tenants import Tenants, hash_key
 
 from conftest import FakeUpstream, ProxyFactory, RecordLog
 

@@ -11,7 +11,8 @@ import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tallygate.tokens import TokenCounter, TokenizerError, Tokenizers, count, load_encodings
+from tallygate.core.tokens import TokenCounter, count
+from tallygate.runtime.encodings import TokenizerError, load_encodings, load_tokenizers
 
 from conftest import CASES
 
@@ -87,7 +88,7 @@ def test_corpus_output_texts_as_streamed() -> None:
 
 
 def test_model_to_encoding() -> None:
-    tokenizers = Tokenizers.load(default="o200k_base", overrides=[("llama*", "cl100k_base")])
+    tokenizers = load_tokenizers(default="o200k_base", overrides=[("llama*", "cl100k_base")])
     assert tokenizers.for_model("gpt-4o-mini-2024-07-18").encoding.name == "o200k_base"
     assert tokenizers.for_model("gpt-4-0613").encoding.name == "cl100k_base"
     assert tokenizers.for_model("gpt-3.5-turbo-0125").encoding.name == "cl100k_base"

@@ -16,7 +16,7 @@ import yaml
 from aiohttp import web
 
 from tallygate import cli
-from tallygate.pricing import default_price_table
+from tallygate.config.prices import default_price_table
 
 from conftest import ROOT, FakeUpstream, ProxyFactory, RecordLog
 
@@ -39,7 +39,7 @@ async def test_an_unpriced_model_is_logged_once_per_process(
     client: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="tallygate.relay")
+    caplog.set_level(logging.WARNING, logger="tallygate.proxy.relay")
     upstream.handler = answer_as_the_model_asked
     running = await make_proxy()
     url = f"http://127.0.0.1:{running.proxy_port}/v1/chat/completions"

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from . import __version__
-from .config import Config, ConfigError, ListenError, effective_config, load_config
+from tallygate import __version__
+from tallygate.config import Config, ConfigError, ListenError, effective_config, load_config
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +43,11 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    from .server import load_tokenizers  # aiohttp and uvloop load only to serve
-    from .tokens import TokenizerError
-    from .workers import run
+    from tallygate.runtime.encodings import TokenizerError, tokenizers_for
+    from tallygate.runtime.workers import run
 
     try:
-        tokenizers = load_tokenizers(config)
+        tokenizers = tokenizers_for(config)
     except TokenizerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -61,7 +60,7 @@ def _check(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     sys.stdout.write(yaml.safe_dump(effective_config(config), sort_keys=False))
-    from .checks import config_warnings
+    from tallygate.config.checks import config_warnings
 
     for warning in config_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
@@ -70,7 +69,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _warn_price_table_age(today: date) -> None:
-    from .pricing import default_price_table, price_table_age_warning
+    from tallygate.config.prices import default_price_table
+    from tallygate.core.pricing import price_table_age_warning
 
     warning = price_table_age_warning(default_price_table().date, today)
     if warning is not None:
@@ -78,7 +78,8 @@ def _warn_price_table_age(today: date) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from .tokens import ENCODINGS, fetch_encodings
+    from tallygate.core.tokens import ENCODINGS
+    from tallygate.runtime.encodings import fetch_encodings
 
     try:
         files = fetch_encodings(args.dir, args.encoding or ENCODINGS)
@@ -90,7 +91,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _hash_key(args: argparse.Namespace) -> int:
-    from .tenants import hash_key
+    from tallygate.policy.tenants import hash_key
 
     key = args.key if args.key is not None else sys.stdin.readline().strip()
     if not key:
@@ -101,8 +102,8 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 
 def _simulator_settings(args: argparse.Namespace) -> Any:
-    from .config import parse_duration
-    from .simulator import SimulatorSettings
+    from tallygate.config import parse_duration
+    from tallygate.dev.simulator import SimulatorSettings
 
     return SimulatorSettings(
         ttft=parse_duration(args.ttft) if args.ttft not in ("0", "0s") else 0.0,
@@ -116,16 +117,16 @@ def _simulator_settings(args: argparse.Namespace) -> Any:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .config import parse_listen
-    from .demo import run_simulator
+    from tallygate.config import parse_listen
+    from tallygate.dev.demo import run_simulator
 
     run_simulator(parse_listen(args.listen), _simulator_settings(args))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .config import parse_listen
-    from .demo import run_demo
+    from tallygate.config import parse_listen
+    from tallygate.dev.demo import run_demo
 
     run_demo(parse_listen(args.listen), parse_listen(args.admin), _simulator_settings(args))
     return 0
@@ -146,13 +147,13 @@ def _checked(parse: Any) -> Any:
 
 
 def _duration_or_zero(text: str) -> float:
-    from .config import parse_duration
+    from tallygate.config import parse_duration
 
     return 0.0 if text in ("0", "0s") else parse_duration(text)
 
 
 def _listen(text: str) -> object:
-    from .config import parse_listen
+    from tallygate.config import parse_listen
 
     return parse_listen(text)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-from .config import Config, Route
-from .routing import canonical_path, path_problem, prefix_matches
+from tallygate.config import Config, Route
+from tallygate.policy.routing import canonical_path, path_problem, prefix_matches
 
 
 def config_warnings(config: Config) -> list[str]:

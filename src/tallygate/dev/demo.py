@@ -11,12 +11,13 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from .config import Listen, ListenError, Metering, load_config_text
-from .server import Running, run_loop, serve
-from .simulator import Simulator, SimulatorSettings
-from .tokens import TokenizerError, Tokenizers
+from tallygate.config import Listen, ListenError, Metering, load_config_text
+from tallygate.core.tokens import Tokenizers
+from tallygate.dev.simulator import Simulator, SimulatorSettings
+from tallygate.proxy.server import Running, run_loop, serve
+from tallygate.runtime.encodings import TokenizerError, load_tokenizers
 
-log = logging.getLogger("tallygate.demo")
+log = logging.getLogger("tallygate.dev.demo")
 
 CURL = (
     "curl -N --compressed http://{listen}/v1/chat/completions -H 'Content-Type: application/json' "
@@ -28,7 +29,7 @@ def simulator_tokenizers() -> Tokenizers | None:
     """The encodings tallygate estimates with by default, so that the simulated usage is what
     tallygate's estimate counts; None (about four characters a token) without them."""
     try:
-        return Tokenizers.load(Metering().default_encoding)
+        return load_tokenizers(Metering().default_encoding)
     except TokenizerError as error:
         log.warning("%s The simulator reports about four characters a token.", error)
         return None
@@ -86,7 +87,7 @@ def demo_config(listen: Listen, admin: Listen, upstream: str, estimate: bool) ->
 def run_demo(listen: Listen, admin: Listen, settings: SimulatorSettings) -> None:
     async def main() -> None:
         try:
-            tokenizers = Tokenizers.load(Metering().default_encoding)
+            tokenizers = load_tokenizers(Metering().default_encoding)
         except TokenizerError as error:
             # The demo runs anywhere: without the encodings it still shows the provider's usage.
             log.warning("%s Token estimates are off for this demo.", error)

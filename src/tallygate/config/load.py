@@ -1,8 +1,9 @@
-"""The YAML configuration: parsed, interpolated and validated once, into frozen dataclasses.
+"""Reading the YAML configuration: parsed, interpolated and validated once, into the frozen
+dataclasses of `tallygate.config.schema`.
 
 Every problem is reported with the dotted path of the offending key, all problems at once, so that
-`tallygate check` can list them. This module reads the environment (for `${VAR}`) and nothing else:
-it does not open sockets or touch the event loop.
+`tallygate check` can list them. This module reads the file and the environment (for `${VAR}`) and
+nothing else: it does not open sockets or touch the event loop.
 """
 
 from __future__ import annotations
@@ -14,204 +15,44 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 
-from .compression import DEFAULT_GZIP
-from .cors import CorsPolicy
-from .dialects import DIALECTS
-from .pricing import EgressTier, TokenPrice, parse_token_price
-
-AuthHeader = Literal["authorization", "x-api-key"]
-AUTH_HEADERS: tuple[AuthHeader, ...] = ("authorization", "x-api-key")
-OnDisconnect = Literal["cancel", "drain"]
-DIALECT_CHOICES = ("auto", *DIALECTS)
-ENCODING_CHOICES = ("o200k_base", "cl100k_base", "p50k_base")
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-
-
-class ListenError(Exception):
-    """An address tallygate cannot listen on (in use, not this host's, not allowed)."""
-
-    @classmethod
-    def of(cls, listen: object, error: OSError) -> ListenError:
-        reason = os.strerror(error.errno) if error.errno else str(error)
-        return cls(f"cannot listen on {listen}: {reason.lower()}")
-
-
-class ConfigError(Exception):
-    """The configuration is invalid; `problems` holds one `key.path: message` line each."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-@dataclass(frozen=True, slots=True)
-class Tls:
-    cert: str  # PEM certificate chain
-    key: str  # PEM private key
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    host: str
-    port: int
-    tls: Tls | None = None
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Seconds. `first_byte` runs from sending the request to the response headers; `idle` between
-    two reads of the response body; `total` over the whole exchange."""
-
-    connect: float = 5.0
-    first_byte: float = 120.0
-    idle: float = 60.0
-    total: float = 900.0
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    name: str
-    url: str
-    api_key: str | None = field(default=None, repr=False)
-    auth_header: AuthHeader = "authorization"
-    timeouts: Timeouts = Timeouts()
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    path_prefix: str
-    upstream: str
-    dialect: str = "auto"  # "auto": from the request path (dialects.detect_dialect)
-    cors: CorsPolicy | Literal[False] | None = None  # None: the top-level `cors:`; False: off
-
-
-@dataclass(frozen=True, slots=True)
-class Metering:
-    enabled: bool = True
-    estimate: bool = True
-    request_usage: bool = True
-    on_client_disconnect: OnDisconnect = "cancel"
-    drain_timeout: float = 30.0
-    max_event_bytes: int = 1024 * 1024
-    default_encoding: str = "o200k_base"
-    encodings: tuple[tuple[str, str], ...] = ()  # (model glob, encoding), before the built-ins
-    image_tokens_default: int = 765
-
-
-@dataclass(frozen=True, slots=True)
-class Compression:
-    gzip: bool = True
-    # The compressor's own defaults, defined once (compression.GzipSettings says why these).
-    level: int = DEFAULT_GZIP.level
-    window_bits: int = DEFAULT_GZIP.window_bits
-    mem_level: int = DEFAULT_GZIP.mem_level
-    # Below this many bytes a response of known length is not worth a gzip header and trailer.
-    min_length: int = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What one client may take. Timeouts as nginx's client_header_timeout, client_body_timeout
-    and send_timeout; header sizes as its large_client_header_buffers. 0: no limit."""
-
-    max_request_bytes: int = 32 * MiB
-    max_header_bytes: int = 8 * KiB  # one header line, and the request line
-    max_headers: int = 100
-    header_timeout: float = 10.0  # from the first byte of a request (or the accept) to its head
-    body_timeout: float = 60.0  # between two reads of a request body
-    write_timeout: float = 60.0  # one write to a client that does not read
-    max_connections: int = 0  # open client connections, per worker
-    max_streams: int = 0  # requests in flight, per worker
-    retry_after: int = 1  # seconds, in a 503 past max_connections or max_streams
-
-
-@dataclass(frozen=True, slots=True)
-class Pool:
-    """The one shared upstream connection pool."""
-
-    max_connections: int = 10_000  # 0: no limit
-    keepalive_timeout: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class Admin:
-    listen: Listen = Listen("127.0.0.1", 9464)
-    metrics_token: str | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Metrics:
-    max_models: int = 50  # distinct model label values; past them, `other`
-
-
-@dataclass(frozen=True, slots=True)
-class Egress:
-    usd_per_gb: float = 0.09
-    free_gb: float = 0.0
-    tiers: tuple[EgressTier, ...] = ()
-    directions: tuple[str, ...] = ("client_out", "upstream_out")
-    gb_bytes: int = 2**30
-
-
-@dataclass(frozen=True, slots=True)
-class Pricing:
-    models: Mapping[str, TokenPrice] = field(default_factory=dict)
-    egress: Egress = Egress()
-
-
-@dataclass(frozen=True, slots=True)
-class Tenant:
-    name: str
-    keys: tuple[str, ...] = field(default=(), repr=False)  # SHA-256 hex of tallygate-issued keys
-
-
-EGRESS_DIRECTIONS = ("client_in", "client_out", "upstream_out", "upstream_in")
-
-
-DEFAULT_LISTEN = Listen("127.0.0.1", 8080)
-DEFAULT_SHUTDOWN_GRACE = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    upstreams: Mapping[str, Upstream]
-    routes: tuple[Route, ...]
-    listen: Listen = DEFAULT_LISTEN
-    admin: Admin = Admin()
-    compression: Compression = Compression()
-    limits: Limits = Limits()
-    pool: Pool = Pool()
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
-    metering: Metering = Metering()
-    access_log: str = "stdout"  # stdout, stderr, off, or a file path
-    metrics: Metrics = Metrics()
-    pricing: Pricing = Pricing()
-    tenants: Mapping[str, Tenant] = field(default_factory=dict)
-    tenant_header: str | None = None
-    require_key: bool = False  # auth.require_key
-    workers: int = 1
-    cors: CorsPolicy | None = None  # None: no CORS, preflights are relayed like any request
-
-    def cors_for(self, route: Route | None) -> CorsPolicy | None:
-        """The CORS policy of a request on `route` (None before routing, or when off)."""
-        if route is None or route.cors is None:
-            return self.cors
-        return route.cors or None
-
+from tallygate.config.schema import (
+    AUTH_HEADERS,
+    DEFAULT_LISTEN,
+    DEFAULT_SHUTDOWN_GRACE,
+    DIALECT_CHOICES,
+    ENCODING_CHOICES,
+    Admin,
+    AuthHeader,
+    Compression,
+    Config,
+    ConfigError,
+    Egress,
+    GiB,
+    KiB,
+    Limits,
+    Listen,
+    Metering,
+    Metrics,
+    MiB,
+    OnDisconnect,
+    Pool,
+    Pricing,
+    Route,
+    Tenant,
+    Timeouts,
+    Tls,
+    Upstream,
+)
+from tallygate.core.pricing import EgressTier, TokenPrice, parse_token_price
+from tallygate.core.record import DIRECTIONS
+from tallygate.policy.cors import CorsPolicy
 
 # ---------------------------------------------------------------------------------------------
 # Scalars with units
@@ -613,7 +454,7 @@ def _read_cors(r: _Reader, raw: object, path: str) -> CorsPolicy | None:
     return policy
 
 
-_TOP_KEYS = [
+TOP_KEYS = [
     "listen", "admin", "upstreams", "routes", "compression", "limits", "pool", "trusted_proxies",
     "shutdown_grace", "metering", "access_log", "metrics", "pricing", "tenants", "tenant_header",
     "auth", "workers", "cors",
@@ -671,9 +512,9 @@ def _read_pricing(r: _Reader, raw: object) -> Pricing:
         r.problems.append("pricing.egress.directions: expected a list")
         directions = list(d.directions)
     for i, direction in enumerate(directions):
-        if direction not in EGRESS_DIRECTIONS:
+        if direction not in DIRECTIONS:
             r.problems.append(
-                f"pricing.egress.directions[{i}]: expected one of {', '.join(EGRESS_DIRECTIONS)}, "
+                f"pricing.egress.directions[{i}]: expected one of {', '.join(DIRECTIONS)}, "
                 f"got {direction!r}"
             )
     return Pricing(
@@ -682,7 +523,7 @@ def _read_pricing(r: _Reader, raw: object) -> Pricing:
             usd_per_gb=r.value(e, "usd_per_gb", "pricing.egress", _number, d.usd_per_gb),
             free_gb=r.value(e, "free_gb", "pricing.egress", _number, d.free_gb),
             tiers=tuple(tiers),
-            directions=tuple(x for x in directions if x in EGRESS_DIRECTIONS),
+            directions=tuple(x for x in directions if x in DIRECTIONS),
             gb_bytes=r.value(e, "gb_bytes", "pricing.egress", parse_size, d.gb_bytes),
         ),
     )
@@ -757,7 +598,7 @@ def load_config_text(
         raise ConfigError([_yaml_problem(error, source)]) from None
     r = _Reader()
     document = _interpolate(document, "", os.environ if env is None else env, r.problems)
-    top = r.mapping(document, "", _TOP_KEYS)
+    top = r.mapping(document, "", TOP_KEYS)
 
     upstreams = _read_upstreams(r, top.get("upstreams"))
     routes = _read_routes(r, top.get("routes"), upstreams)
@@ -853,42 +694,3 @@ def _yaml_problem(error: yaml.YAMLError, source: str) -> str:
     if mark is None:
         return f"{source}: not valid YAML: {what}"
     return f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {what}"
-
-
-# ---------------------------------------------------------------------------------------------
-# The effective configuration, for `tallygate check`.
-
-MASK = "********"
-
-
-def _plain(value: object, key: str = "") -> object:
-    if isinstance(value, Listen) and value.tls is not None:
-        return {"address": str(value), "tls": {"cert": value.tls.cert, "key": value.tls.key}}
-    if isinstance(value, Listen | ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return str(value)
-    if is_dataclass(value) and not isinstance(value, type):
-        # An upstream's or a tenant's name is its key already.
-        return {
-            f.name: _plain(getattr(value, f.name), f.name)
-            for f in fields(value)
-            if f.name != "name" or not isinstance(value, Upstream | Tenant)
-        }
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if key == "encodings" and isinstance(value, tuple):
-        return dict(value)
-    if key == "require_key":
-        return value
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if key in ("api_key", "metrics_token", "keys") and value:
-        return MASK
-    return value
-
-
-def effective_config(config: Config) -> dict[str, Any]:
-    """The configuration with defaults filled in and every secret masked."""
-    plain = _plain(config)
-    assert isinstance(plain, dict)
-    plain["auth"] = {"require_key": plain.pop("require_key")}
-    return {key: plain[key] for key in _TOP_KEYS}

@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 import tiktoken
 
-from .dialects import Dialect
-from .tokens import count
+from tallygate.core.dialects import Dialect
+from tallygate.core.tokens import count
 
 _PER_MESSAGE = 3
 _PER_NAME = 1

@@ -18,12 +18,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from . import __version__
-from .pricing import COST_KINDS
-from .tenants import ANONYMOUS, OTHER
+from tallygate import __version__
+from tallygate.core.pricing import COST_KINDS
+from tallygate.core.record import DIRECTIONS, UsageRecord
+from tallygate.policy.tenants import ANONYMOUS, OTHER
 
 TOKEN_TYPES = ("input", "output", "cached_input", "cache_write_input", "reasoning")
-DIRECTIONS = ("client_in", "client_out", "upstream_out", "upstream_in")
 # The codes of tallygate's own refusals (errors.py), exported at 0 from the start.
 REJECT_REASONS = (
     "invalid_api_key", "route_not_found", "request_too_large", "not_an_open_proxy",
@@ -387,63 +387,69 @@ class Metrics:
     def stream_ended(self, route: str) -> None:
         self.streams_active.inc((route,), -1.0)
 
-    def observe(
-        self, record: dict[str, Any], model_key: str | None, error_reason: str | None
-    ) -> None:
+    def observe(self, record: UsageRecord) -> None:
         """Move every metric by what one usage record says."""
-        route, upstream = record["route"], record["upstream"]
+        route, upstream = record.route, record.upstream
         # A client error (400, 404, 422: a model that does not exist, say) proves no model.
-        status = record["status"]
+        status = record.status
         refused = (400 <= status < 500 and status != 429) or status == 0
-        model = self.model_label(model_key, record["priced_as"] is not None or not refused)
-        tenant = self.tenant_label(record["tenant"])
-        outcome = record["outcome"]
-        self.requests.inc((route, upstream, model, tenant, str(record["status"]), outcome))
-        timings = record["timings"]
+        model = self.model_label(
+            record.priced_as or record.model, record.priced_as is not None or not refused
+        )
+        tenant = self.tenant_label(record.tenant)
+        outcome = record.outcome
+        self.requests.inc((route, upstream, model, tenant, str(status), outcome))
+        timings = record.timings
         where = (route, upstream, model)
-        self.duration.observe(where, timings["duration_s"])
-        if timings["ttft_s"] is not None:
-            self.ttft.observe(where, timings["ttft_s"])
-        tokens = record["tokens"]
-        source = record["tokens_source"]
+        self.duration.observe(where, timings.duration_s)
+        if timings.ttft_s is not None:
+            self.ttft.observe(where, timings.ttft_s)
+        tokens = record.tokens
+        source = record.tokens_source
         if source != "none":
             for kind in TOKEN_TYPES:
-                value = tokens[kind]
+                value = getattr(tokens, kind)
                 if value:
                     kind_source = "estimated" if source == "estimated" or (
                         source == "mixed" and kind in ("output", "reasoning")
                     ) else "reported"  # fmt: skip
                     self.tokens.inc((upstream, model, tenant, kind, kind_source), value)
-        if record["stream"] and timings["ttft_s"] is not None and tokens["output"] > 1:
-            per_token = (timings["duration_s"] - timings["ttft_s"]) / (tokens["output"] - 1)
+        if record.stream and timings.ttft_s is not None and tokens.output > 1:
+            per_token = (timings.duration_s - timings.ttft_s) / (tokens.output - 1)
             self.tpot.observe((upstream, model), per_token)
         if source == "reported":
-            estimated = record["estimated"]
-            for kind in ("input", "output"):
-                if estimated[kind] is not None and tokens[kind]:
-                    ratio = (estimated[kind] - tokens[kind]) / tokens[kind]
-                    self.estimate_error.observe((model, kind), ratio)
-        for direction, value in record["bytes"].items():
+            estimated = record.estimated
+            for kind, guess, counted in (
+                ("input", estimated.input, tokens.input),
+                ("output", estimated.output, tokens.output),
+            ):
+                if guess is not None and counted:
+                    self.estimate_error.observe((model, kind), (guess - counted) / counted)
+        wire = record.bytes
+        for direction, value in (
+            ("client_in", wire.client_in), ("client_out", wire.client_out),
+            ("upstream_out", wire.upstream_out), ("upstream_in", wire.upstream_in),
+        ):  # fmt: skip
             if value:
                 self.bytes.inc((direction, upstream, tenant), value)
-        if record["compression_saved_bytes"]:
-            self.saved.inc((tenant,), record["compression_saved_bytes"])
-        costs = record["cost_usd"]
+        if record.compression_saved_bytes:
+            self.saved.inc((tenant,), record.compression_saved_bytes)
+        costs = record.cost_usd
         for kind in COST_KINDS:
             if costs[kind]:
                 self.cost.inc((upstream, model, tenant, kind), costs[kind])
-        if record["unpriced_tokens"]:
-            self.unpriced.inc((model,), record["unpriced_tokens"])
-        if record["rejected_reason"] is not None:
-            self.rejected.inc((record["rejected_reason"],))
+        if record.unpriced_tokens:
+            self.unpriced.inc((model,), record.unpriced_tokens)
+        if record.rejected_reason is not None:
+            self.rejected.inc((record.rejected_reason,))
         if outcome in ("client_disconnect", "client_timeout"):
             self.disconnects.inc((route,))
-            delivered = record["delivered_output_tokens"]
-            if delivered is not None and tokens["output"] > delivered:
-                self.undelivered.inc((upstream, model, tenant), tokens["output"] - delivered)
-        if error_reason is not None:
-            self.upstream_errors.inc((upstream, error_reason))
-        for stage, count in record["metering_errors"].items():
+            delivered = record.delivered_output_tokens
+            if delivered is not None and tokens.output > delivered:
+                self.undelivered.inc((upstream, model, tenant), tokens.output - delivered)
+        if record.error_reason is not None:
+            self.upstream_errors.inc((upstream, record.error_reason))
+        for stage, count in record.metering_errors.items():
             self.metering_errors.inc((stage,), count)
 
 

@@ -4,14 +4,13 @@ The counter is exact because BPE tokens never span tiktoken's pre-tokenizer piec
 regex of each encoding): once a piece can no longer change, its tokens are final. New text can
 only change the last two pieces (a word can grow; `word'` + `s` joins into one piece under
 o200k's contraction rule), so everything before them is counted and dropped. The work stays
-linear in the text. Pure, except `load_encodings`, which reads tiktoken's cache at start-up.
+linear in the text. Pure: the encodings
+are loaded by `tallygate.runtime.encodings`, at start-up.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -45,43 +44,6 @@ DEFAULT_MODEL_ENCODINGS: tuple[tuple[str, str], ...] = (
 )
 
 
-class TokenizerError(Exception):
-    pass
-
-
-def cache_dir() -> str:
-    """Where tiktoken keeps its downloads (its own rule)."""
-    return (
-        os.environ.get("TIKTOKEN_CACHE_DIR")
-        or os.environ.get("DATA_GYM_CACHE_DIR")
-        or (os.path.join(tempfile.gettempdir(), "data-gym-cache"))
-    )
-
-
-def load_encodings(names: Iterable[str]) -> dict[str, tiktoken.Encoding]:
-    """Load encodings now, at start-up, never on a first request."""
-    loaded = {}
-    for name in sorted(set(names)):
-        try:
-            loaded[name] = tiktoken.get_encoding(name)
-        except Exception as error:  # tiktoken raises whatever its download raised
-            raise TokenizerError(
-                f"cannot load the tiktoken encoding {name!r} (cache directory: {cache_dir()}; "
-                f"{type(error).__name__}). Where there is internet, run "
-                f"`tallygate tokenizers fetch --dir DIR` and point TIKTOKEN_CACHE_DIR at DIR."
-            ) from None
-    return loaded
-
-
-def fetch_encodings(directory: str, names: Iterable[str] = ENCODINGS) -> list[str]:
-    """Download encodings into `directory` in tiktoken's cache format (for offline images)."""
-    os.makedirs(directory, exist_ok=True)
-    os.environ["TIKTOKEN_CACHE_DIR"] = directory
-    for name in names:
-        tiktoken.get_encoding(name)
-    return sorted(os.listdir(directory))
-
-
 @dataclass(frozen=True, slots=True)
 class ModelEncoding:
     encoding: tiktoken.Encoding
@@ -102,18 +64,6 @@ class Tokenizers:
         self.default = ModelEncoding(encodings[default], exact=False)
         self._override_globs = {glob for glob, _ in overrides}
         self._cache: dict[str, ModelEncoding] = {}
-
-    @classmethod
-    def load(
-        cls, default: str = "o200k_base", overrides: Iterable[tuple[str, str]] = ()
-    ) -> Tokenizers:
-        overrides = tuple(overrides)
-        needed = {
-            default,
-            *(name for _, name in overrides),
-            *(n for _, n in DEFAULT_MODEL_ENCODINGS),
-        }
-        return cls(load_encodings(needed), default, overrides)
 
     def for_model(self, model: str | None) -> ModelEncoding:
         if not model:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config import AuthHeader
+from tallygate.config.schema import AuthHeader
 
 # RFC 9110 section 7.6.1, plus the legacy Proxy-Connection and Keep-Alive that Go's httputil and
 # Caddy strip too. TE is kept when it is exactly "trailers".

@@ -25,9 +25,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import errors
-from .accesslog import AccessLog
-from .compression import (
+from tallygate.config import Config, Timeouts, Upstream
+from tallygate.core import errors
+from tallygate.core.codec import (
     FlushPolicy,
     GzipEncoder,
     GzipSettings,
@@ -38,18 +38,9 @@ from .compression import (
     is_compressible,
     media_type,
 )
-from .config import Config, Timeouts, Upstream
-from .cors import CorsPolicy, is_preflight
-from .dialects import Dialect, detect_dialect
-from .errors import ProxyError
-from .headers import (
-    ClientSide,
-    client_address,
-    client_response_headers,
-    is_trusted,
-    upstream_request_headers,
-)
-from .metering import (
+from tallygate.core.dialects import Dialect, detect_dialect
+from tallygate.core.errors import ProxyError
+from tallygate.core.meter import (
     MeteringSettings,
     RequestFacts,
     ResponseFacts,
@@ -58,21 +49,31 @@ from .metering import (
     read_request,
     with_usage_option,
 )
-from .metrics import Metrics
-from .pricing import Costing
-from .routing import Router, canonical_path, path_problem, upstream_url
-from .tenants import Tenants
-from .tokens import Tokenizers
-from .usage import (
+from tallygate.core.pricing import Costing
+from tallygate.core.record import (
     USER_AGENT_CHARS,
-    Exchange,
+    UsageRecord,
     head_size,
     received_head_size,
     sane_request_id,
 )
+from tallygate.core.tokens import Tokenizers
+from tallygate.observe.accesslog import AccessLog
+from tallygate.observe.metrics import Metrics
+from tallygate.policy.cors import CorsPolicy, is_preflight
+from tallygate.policy.headers import (
+    ClientSide,
+    client_address,
+    client_response_headers,
+    is_trusted,
+    upstream_request_headers,
+)
+from tallygate.policy.routing import Router, canonical_path, path_problem, upstream_url
+from tallygate.policy.tenants import Tenants
+from tallygate.proxy.exchange import Exchange
 
-log = logging.getLogger("tallygate.relay")
-Sink = Callable[[dict[str, Any], Exchange], None]  # a finished request's record goes to each
+log = logging.getLogger("tallygate.proxy.relay")
+Sink = Callable[[UsageRecord], None]  # a finished request's record goes to each
 UNPRICED_WARNING = (
     "model %r has no price: its tokens cost 0 in records and metrics (priced_as null, counted in "
     "tallygate_unpriced_tokens_total); set its price in pricing.models (once per model)"
@@ -169,7 +170,7 @@ class Proxy:
         access_log: AccessLog,
         metrics: Metrics,
         costing: Costing,
-        on_record: Callable[[Exchange], None] | None = None,
+        on_record: Sink | None = None,
     ) -> None:
         self.metrics = metrics
         self.session = session
@@ -368,7 +369,7 @@ class Proxy:
         # Each sink on its own: one that fails never keeps the record from the others.
         for name, sink in self.sinks():
             try:
-                sink(record, exchange)
+                sink(record)
             except Exception:
                 log.exception("the %s sink failed on the record of %s", name, exchange.request_id)
 
@@ -377,20 +378,18 @@ class Proxy:
         join this list)."""
         found: list[tuple[str, Sink]] = [("access log", self._log), ("metrics", self._observe)]
         if self.on_record is not None:
-            hook = self.on_record
-            found.append(("on_record", lambda _, exchange: hook(exchange)))
+            found.append(("on_record", self.on_record))
         return found
 
-    def _log(self, record: dict[str, Any], _: Exchange) -> None:
+    def _log(self, record: UsageRecord) -> None:
         try:
-            self.access_log.write(record)
+            self.access_log.write(record.as_dict())
         except Exception:
             self.access_log.failures += 1  # counted in tallygate_access_log_failures_total
             raise
 
-    def _observe(self, record: dict[str, Any], exchange: Exchange) -> None:
-        model_key = exchange.cost.model_key if exchange.cost is not None else None
-        self.metrics.observe(record, model_key or exchange.model(), exchange.error_reason)
+    def _observe(self, record: UsageRecord) -> None:
+        self.metrics.observe(record)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         family = errors.api_family(request.path)

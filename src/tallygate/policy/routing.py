@@ -6,7 +6,7 @@ import re
 import string
 from collections.abc import Sequence
 
-from .config import Route
+from tallygate.config.schema import Route
 
 
 def prefix_matches(prefix: str, path: str) -> bool:

@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
-from .compression import media_type
-from .dialects import Dialect, Extractor, Usage, extractor_for
-from .framing import (
+from tallygate.core.codec import media_type
+from tallygate.core.dialects import Dialect, Extractor, Usage, extractor_for
+from tallygate.core.framing import (
     DEFAULT_MAX_EVENT_BYTES,
     EventTooLarge,
     NdjsonFramer,
@@ -24,10 +24,10 @@ from .framing import (
     SseEvent,
     SseFramer,
 )
-from .prompt import PromptEstimator
-from .tokens import TokenCounter, Tokenizers
+from tallygate.core.prompt import PromptEstimator
+from tallygate.core.tokens import TokenCounter, Tokenizers
 
-log = logging.getLogger("tallygate.metering")
+log = logging.getLogger("tallygate.core.meter")
 
 # Dialects whose streaming requests can ask for usage with stream_options.include_usage.
 _USAGE_OPTION_DIALECTS = frozenset({"openai_chat", "openai_completions"})

@@ -20,10 +20,10 @@ import orjson
 import tiktoken
 from aiohttp import web
 
-from .config import Metering
-from .dialects import Dialect
-from .prompt import PromptEstimator
-from .tokens import Tokenizers, count
+from tallygate.config import Metering
+from tallygate.core.dialects import Dialect
+from tallygate.core.prompt import PromptEstimator
+from tallygate.core.tokens import Tokenizers, count
 
 # fmt: off
 WORDS = (

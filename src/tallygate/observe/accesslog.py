@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-log = logging.getLogger("tallygate.accesslog")
+log = logging.getLogger("tallygate.observe.accesslog")
 
 _STOP = b""
 _REOPEN = b"\0"  # never a record: a record is a JSON object and a line end

@@ -24,9 +24,10 @@ import time
 import aiohttp
 from aiohttp import web
 
-from .checks import config_warnings
-from .config import Config, ListenError
-from .server import (
+from tallygate.config import Config, ListenError
+from tallygate.config.checks import config_warnings
+from tallygate.core.tokens import Tokenizers
+from tallygate.proxy.server import (
     WorkerSlot,
     admin_app,
     bind,
@@ -41,9 +42,8 @@ from .server import (
     serve,
     where,
 )
-from .tokens import Tokenizers
 
-log = logging.getLogger("tallygate.workers")
+log = logging.getLogger("tallygate.runtime.workers")
 
 # A worker that dies sooner than this after its start is not restarted in a tight loop.
 _RESTART_BACKOFF = 1.0

@@ -28,14 +28,16 @@ from aiohttp.streams import StreamReader
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from .accesslog import AccessLog
-from .config import Config, ConfigError, Listen, ListenError, effective_config, load_config
-from .connection import Listener
-from .metrics import Metrics, config_hash
-from .pricing import Costing, EgressPrice, UnpricedModels, default_price_table
-from .relay import Proxy
-from .tokens import TokenizerError, Tokenizers
-from .usage import Exchange
+from tallygate.config import Config, ConfigError, Listen, ListenError, effective_config, load_config
+from tallygate.config.prices import default_price_table
+from tallygate.core.pricing import Costing, EgressPrice, UnpricedModels
+from tallygate.core.record import UsageRecord
+from tallygate.core.tokens import Tokenizers
+from tallygate.observe.accesslog import AccessLog
+from tallygate.observe.metrics import Metrics, config_hash
+from tallygate.proxy.connection import Listener
+from tallygate.proxy.relay import Proxy
+from tallygate.runtime.encodings import TokenizerError, tokenizers_for
 
 log = logging.getLogger("tallygate")
 
@@ -201,13 +203,6 @@ def new_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
-def load_tokenizers(config: Config) -> Tokenizers | None:
-    """Encodings are loaded now, at start-up, never on a first request (TokenizerError if not)."""
-    if not (config.metering.enabled and config.metering.estimate):
-        return None
-    return Tokenizers.load(config.metering.default_encoding, config.metering.encodings)
-
-
 def new_metrics(config: Config) -> Metrics:
     return Metrics(
         CollectorRegistry(),
@@ -243,7 +238,7 @@ def for_reload(running: Config, new: Config) -> tuple[Config, list[str]]:
 
 def _read(path: str, running: Config) -> tuple[Config, Tokenizers | None, list[str]]:
     config, changed = for_reload(running, load_config(path))
-    return config, load_tokenizers(config), changed
+    return config, tokenizers_for(config), changed
 
 
 async def read_for_reload(
@@ -343,11 +338,11 @@ class Running:
 async def start(
     config: Config,
     tokenizers: Tokenizers | None = None,
-    on_record: Callable[[Exchange], None] | None = None,
+    on_record: Callable[[UsageRecord], None] | None = None,
     worker: WorkerSlot | None = None,
 ) -> Running:
     if tokenizers is None:
-        tokenizers = load_tokenizers(config)
+        tokenizers = tokenizers_for(config)
     # The addresses first: one in use stops tallygate before anything else is made.
     if worker is None:
         proxy_sock = bind(config.listen)

@@ -1,4 +1,5 @@
-"""What tokens and traffic cost, in USD. Pure arithmetic on values; the price table is read once.
+"""What tokens and traffic cost, in USD. Pure arithmetic on values; the shipped table is read by
+`tallygate.config.prices`.
 
 Token prices are USD per 1M tokens. Egress is priced per GB (`gb_bytes` bytes, 2^30 by default)
 in monthly volume tiers after a monthly free allowance; the month-to-date volume is state the
@@ -12,12 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
-from importlib import resources
-from typing import Any
 
-import yaml
-
-from .dialects import Usage
+from tallygate.core.dialects import Usage
 
 PER_MILLION = 1_000_000
 TOKEN_KINDS = ("input", "output", "cached_input", "cache_write_input")
@@ -154,17 +151,6 @@ def price_table_age_warning(table_date: str, today: date, max_age_days: int = 90
         "the prices that matter to you against their pages (the sources in "
         "tallygate/data/prices.yaml) and set what differs in pricing.models"
     )
-
-
-def default_price_table() -> PriceTable:
-    """The table shipped in tallygate/data/prices.yaml."""
-    text = resources.files("tallygate").joinpath("data/prices.yaml").read_text(encoding="utf-8")
-    document: dict[str, Any] = yaml.safe_load(text)
-    prices = {
-        str(name): parse_token_price(raw, f"models.{name}")
-        for name, raw in document["models"].items()
-    }
-    return PriceTable(prices, str(document.get("date", "")), str(document.get("source", "")))
 
 
 @dataclass(frozen=True, slots=True)
