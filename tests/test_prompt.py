@@ -9,13 +9,10 @@ import zlib
 import pytest
 import tiktoken
 
-from tallygate.core.prompt import (
-    PromptEstimator,
-    anthropic_image_tokens,
-    image_size,
-    image_size_from_data_url,
-    openai_image_tokens,
-)
+from tallygate.core.dialects.anthropic import anthropic_image_tokens
+from tallygate.core.dialects.openai import openai_image_tokens
+from tallygate.core.images import image_size, image_size_from_data_url
+from tallygate.core.prompt import PromptEstimator
 
 O200K = tiktoken.get_encoding("o200k_base")
 

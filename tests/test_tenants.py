@@ -147,3 +147,31 @@ async def test_a_key_with_a_byte_above_0x7f_is_refused_as_any_wrong_key(
     assert (records[0]["status"], records[0]["outcome"]) == (401, "rejected")
     assert "Traceback" not in caplog.text
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("dialect", "shape"),
+    [("anthropic_messages", "anthropic"), ("ollama_chat", "ollama"), ("auto", "openai")],
+)
+async def test_an_error_takes_the_shape_of_the_routes_api_wherever_it_is_mounted(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
+    dialect: str, shape: str,
+) -> None:  # fmt: skip
+    """A route's dialect decides whose error shape its clients get, not the path: an Anthropic
+    route mounted at /claude/ answers a refused key as Anthropic's SDK expects."""
+    upstream.handler = echo
+    running = await make_proxy(
+        routes=[{"path_prefix": "/claude/", "upstream": "main", "dialect": dialect}],
+        tenants={"acme": {"keys": [hash_key(KEY)]}}, auth={"require_key": True},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{running.proxy_port}/claude/send"
+    async with client.post(url, data=b"{}") as r:
+        assert r.status == 401
+        body = orjson.loads(await r.read())
+    if shape == "anthropic":
+        assert body == {"type": "error", "error": {"type": "authentication_error",
+                                                   "message": "a valid API key is required"}}  # fmt: skip
+    elif shape == "ollama":
+        assert body == {"error": "a valid API key is required"}
+    else:
+        assert body["error"]["code"] == "invalid_api_key"

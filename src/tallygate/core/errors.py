@@ -1,41 +1,15 @@
 """Error bodies in the shape of the API the client speaks, so its SDK can parse them.
 
-OpenAI-style APIs: `{"error": {"message", "type", "param", "code"}}`; Anthropic:
-`{"type": "error", "error": {"type", "message"}}`; Ollama: `{"error": "message"}`.
-Pure: no I/O.
+Each API's shape is its dialect module's `error_body` (OpenAI-style APIs: `{"error":
+{"message", "type", "param", "code"}}`; Anthropic: `{"type": "error", "error": {"type",
+"message"}}`; Ollama: `{"error": "message"}`). Pure: no I/O.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-import orjson
-
-ApiFamily = Literal["openai", "anthropic", "ollama"]
-
-# The Anthropic API's error types for the statuses a proxy produces.
-_ANTHROPIC_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    408: "invalid_request_error",
-    413: "request_too_large",
-    414: "invalid_request_error",
-    431: "invalid_request_error",
-    502: "api_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-}
-
-
-def api_family(path: str) -> ApiFamily:
-    if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return "anthropic"
-    if path.startswith("/api/"):
-        return "ollama"
-    return "openai"
+from tallygate.core.dialects import ERROR_BODIES, ApiFamily
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,21 +22,7 @@ class ProxyError:
     code: str
 
     def body(self, family: ApiFamily) -> bytes:
-        if family == "anthropic":
-            kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
-            return orjson.dumps({"type": "error", "error": {"type": kind, "message": self.message}})
-        if family == "ollama":
-            return orjson.dumps({"error": self.message})
-        return orjson.dumps(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": None,
-                    "code": self.code,
-                }
-            }
-        )
+        return ERROR_BODIES[family](self.status, self.message, self.type, self.code)
 
 
 def unauthorized() -> ProxyError:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from tallygate.core.codec import media_type
-from tallygate.core.dialects import Dialect, Extractor, Usage, extractor_for
+from tallygate.core.dialects import Dialect, Extractor, Usage, extractor_for, spec
 from tallygate.core.framing import (
     DEFAULT_MAX_EVENT_BYTES,
     EventTooLarge,
@@ -28,9 +28,6 @@ from tallygate.core.prompt import PromptEstimator
 from tallygate.core.tokens import TokenCounter, Tokenizers
 
 log = logging.getLogger("tallygate.core.meter")
-
-# Dialects whose streaming requests can ask for usage with stream_options.include_usage.
-_USAGE_OPTION_DIALECTS = frozenset({"openai_chat", "openai_completions"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,16 +87,10 @@ def read_request(
     facts.model = model if isinstance(model, str) else None
     facts.tools_offered = bool(request.get("tools") or request.get("functions"))
     stream = request.get("stream")
-    # Ollama streams unless told not to; the others only when asked.
-    facts.stream = stream is not False if dialect.startswith("ollama") else stream is True
+    facts.stream = stream is not False if spec(dialect).streams_unless_told else stream is True
     if settings.estimate and tokenizers is not None:
         facts.parsed, facts.parsed_size = request, len(source)
-    if (
-        settings.request_usage
-        and facts.stream
-        and dialect in _USAGE_OPTION_DIALECTS
-        and plain is None
-    ):
+    if settings.request_usage and facts.stream and spec(dialect).usage_option and plain is None:
         options = request.get("stream_options")
         if "stream_options" not in request:
             facts.insert_usage_option = facts.usage_requested = True

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from tallygate.core.dialects import Usage
+from tallygate.core.dialects import ApiFamily, Usage
 from tallygate.core.meter import RequestFacts, ResponseFacts, ResponseMeter
 from tallygate.core.pricing import Cost
 from tallygate.core.record import (
@@ -33,6 +33,7 @@ class Exchange:
     route: str = ""
     upstream: str = ""
     dialect: str = "none"
+    family: ApiFamily = "openai"  # whose error shape the client gets
     status: int = 0
     outcome: Outcome = "ok"
     tenant: str = "anonymous"

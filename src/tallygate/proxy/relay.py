@@ -38,7 +38,7 @@ from tallygate.core.codec import (
     is_compressible,
     media_type,
 )
-from tallygate.core.dialects import Dialect, detect_dialect
+from tallygate.core.dialects import ApiFamily, Dialect, detect_dialect, family_for
 from tallygate.core.errors import ProxyError
 from tallygate.core.meter import (
     MeteringSettings,
@@ -392,7 +392,8 @@ class Proxy:
         self.metrics.observe(record)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
-        family = errors.api_family(request.path)
+        # Until a route says otherwise, errors take the shape of the API the path names.
+        family = family_for(detect_dialect(request.path), request.path)
         limits = self.limits
         origin = request.headers.get("Origin")
         if origin is not None:  # a browser's cross-origin request: every answer says CORS
@@ -420,26 +421,26 @@ class Proxy:
         if exchange.cors is not None and is_preflight(request.method, request.headers):
             return await self._preflight(request, exchange, *exchange.cors, family)
 
+        route = self.router.match(path)
+        if route is not None:  # from here on, errors take the shape of the route's API
+            spoken = (
+                detect_dialect(path) if route.dialect == "auto" else cast(Dialect, route.dialect)
+            )
+            exchange.family = family = family_for(spoken, path)
         peer = request.remote
         trusted = is_trusted(peer, self.config.trusted_proxies)
         identity = self.tenants.identify(request.headers, trusted)
-        if identity is None:
+        if identity is None:  # before a 404: who has no key learns nothing of the routes
             return await self._refuse(request, exchange, errors.unauthorized(), family)
         exchange.tenant = identity.tenant
-
-        route = self.router.match(path)
         if route is None:
             return await self._refuse(request, exchange, errors.no_route(request.path), family)
         upstream = self.config.upstreams[route.upstream]
         exchange.route, exchange.upstream = route.path_prefix, upstream.name
-        if not self.config.metering.enabled or request.method != "POST":
-            # Relay only; and every API call that is billed is a POST: an OPTIONS, a GET of a
-            # stored response, a DELETE are relayed, not metered.
-            dialect: Dialect = "none"
-        elif route.dialect == "auto":
-            dialect = detect_dialect(path)
-        else:
-            dialect = cast(Dialect, route.dialect)
+        # Relay only, unless metered; and every API call that is billed is a POST: an OPTIONS,
+        # a GET of a stored response, a DELETE are relayed, not metered.
+        metered = self.config.metering.enabled and request.method == "POST"
+        dialect: Dialect = spoken if metered else "none"
         exchange.dialect = dialect
 
         limit = limits.max_request_bytes
@@ -531,7 +532,7 @@ class Proxy:
         headers: CIMultiDict[str],
         body: bytes,
     ) -> web.StreamResponse:
-        family = errors.api_family(request.path)
+        family = exchange.family
         watchdog = Watchdog(self._loop, upstream.timeouts, self.limits.write_timeout)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.timeouts.connect)
         url = upstream_url(upstream.url, target)
@@ -913,7 +914,7 @@ class Proxy:
         exchange: Exchange,
         cors: CorsPolicy,
         origin: str,
-        family: errors.ApiFamily,
+        family: ApiFamily,
     ) -> web.StreamResponse:
         """A browser's preflight, answered here: never relayed, never asked for a key, never
         metered (its record has no dialect and no tokens)."""
@@ -942,7 +943,7 @@ class Proxy:
         request: web.BaseRequest,
         exchange: Exchange,
         error: ProxyError,
-        family: errors.ApiFamily = "openai",
+        family: ApiFamily = "openai",
         close: bool = False,
     ) -> web.StreamResponse:
         exchange.status = error.status

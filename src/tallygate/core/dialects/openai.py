@@ -1,116 +1,67 @@
-"""What each API dialect's responses say: model, output text, reported usage, finish reason, errors.
+"""OpenAI's APIs and the many that copy them: Chat Completions (`/chat/completions`), the
+legacy Completions (`/completions`) and Responses (`/responses`). What their answers say (model,
+output text, usage, finish reason, errors), what their requests will cost in input tokens, and
+the shape of their errors.
 
-One extractor per dialect, fed one event's data at a time (or a whole JSON body). Output text is
-collected by channel (`content:0`, `reasoning:0`, `tool:0:1`, ...) for the caller to take and
-count as it passes: once per read rather than once per event, since a read often holds many.
-Pure: no I/O; a malformed event raises, and the caller decides.
-
-Usage is normalized (the OpenTelemetry GenAI convention): `input` counts every input token,
-cached and cache-written ones included; `output` counts every output token, reasoning included.
+The prompt estimates follow OpenAI's cookbook ("How to count tokens with tiktoken"): 3 tokens
+per message plus its role and content, 1 more for a `name`, 3 to prime the reply; tool
+definitions as OpenAI renders them, approximated per function and per property; images by
+tiles (OpenAI's vision pricing page). docs/metering.md has the formulas.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-Dialect = Literal[
-    "openai_chat",
-    "openai_completions",
-    "openai_responses",
-    "anthropic_messages",
-    "ollama_chat",
-    "ollama_generate",
-    "none",
-]
-DIALECTS: tuple[Dialect, ...] = get_args(Dialect)
-
-# Path endings, most specific first; endings rather than whole paths so that base paths
-# (`/openai/deployments/x/chat/completions`, `/api/v1/chat/completions`) are recognized too.
-_PATH_DIALECTS: tuple[tuple[str, Dialect], ...] = (
-    ("/chat/completions", "openai_chat"),
-    ("/completions", "openai_completions"),
-    ("/responses", "openai_responses"),
-    ("/messages", "anthropic_messages"),
-    ("/api/chat", "ollama_chat"),
-    ("/api/generate", "ollama_generate"),
+from tallygate.core.dialects.base import (
+    CONTENT,
+    Extractor,
+    Usage,
+    as_dict,
+    as_int,
+    as_list,
+    error_message,
+    strings,
 )
+from tallygate.core.images import image_size_from_data_url
 
+if TYPE_CHECKING:  # the estimator's counting tools; it calls these functions
+    from tallygate.core.prompt import PromptEstimator
 
-def detect_dialect(path: str) -> Dialect:
-    path = path.rstrip("/")
-    for ending, dialect in _PATH_DIALECTS:
-        if path.endswith(ending):
-            return dialect
-    return "none"
+PER_MESSAGE = 3
+PER_NAME = 1
+REPLY_PRIMING = 3
+
+# OpenAI's rendering of tool definitions, per model family (cookbook constants).
+_FUNCTION_START, _FUNCTION_END, _PROPERTIES_START, _PROPERTY, _ENUM_START, _ENUM_ITEM = (
+    7, 12, 3, 3, -3, 3,
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
-class Usage:
-    input: int = 0
-    output: int = 0
-    cached_input: int = 0
-    cache_write_input: int = 0
-    reasoning: int = 0
+class ImagePricing:
+    """OpenAI's tile formula: `base + per_tile * tiles` at high detail, `base` at low."""
+
+    base: int
+    per_tile: int
 
 
-# What a provider sends is not ours to trust: a field of the wrong type reads as absent (the
-# fuzz tests in tests/test_fuzz.py feed every extractor JSON of any shape).
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+_TILE_MODELS = (("gpt-4o-mini", ImagePricing(2833, 5667)),)
+_TILE_DEFAULT = ImagePricing(85, 170)
 
 
-def _dict(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: object) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _error_message(error: object) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message") or error.get("type") or error)[:500]
-    return str(error)[:500]
-
-
-class Extractor:
-    """The common state; subclasses read their dialect's events."""
-
-    def __init__(self) -> None:
-        self.texts: dict[str, list[str]] = {}  # output text not yet taken, by channel
-        self.model: str | None = None
-        self.usage: Usage | None = None
-        self.finish_reason: str | None = None
-        self.errors: list[str] = []
-
-    def event(self, data: bytes, name: str | None) -> bool:
-        """One stream event's data. Returns True when the event carries usage and nothing else
-        (the chunk tallygate asked for with `stream_options.include_usage`)."""
-        return False
-
-    def body(self, data: bytes) -> None:
-        """A whole non-streaming JSON response."""
-
-    def _model(self, value: object) -> None:
-        if isinstance(value, str) and value:
-            self.model = value
-
-    def take_texts(self) -> dict[str, list[str]]:
-        """The output text seen since the last call, by channel, in order."""
-        texts, self.texts = self.texts, {}
-        return texts
-
-    def _text(self, channel: str, value: object) -> None:
-        if value and type(value) is str:
-            pieces = self.texts.get(channel)
-            if pieces is None:
-                self.texts[channel] = [value]
-            else:
-                pieces.append(value)
+def openai_image_tokens(width: int, height: int, pricing: ImagePricing = _TILE_DEFAULT) -> int:
+    """High detail: fit in 2048x2048, then scale the shortest side down to 768, count 512 px
+    tiles (OpenAI's vision pricing page)."""
+    scale = min(1.0, 2048 / max(width, height))
+    scale *= min(1.0, 768 / (min(width, height) * scale))
+    tiles = math.ceil(width * scale / 512) * math.ceil(height * scale / 512)
+    return pricing.base + pricing.per_tile * tiles
 
 
 class OpenAIChat(Extractor):
@@ -150,14 +101,14 @@ class OpenAIChat(Extractor):
                     continue
                 delta = choice.get("delta")
                 if delta and type(delta) is dict:
-                    # _int() and _text() written out: two calls an event were 2% of metering's
+                    # as_int() and _text() written out: two calls an event were 2% of metering's
                     # instructions (bench/instructions.py).
                     index = choice.get("index", 0)
                     if type(index) is not int or index < 0:
                         index = 0
                     text = delta.get("content")
                     if len(delta) == 1 and text and type(text) is str:  # most events: text
-                        channel = _CONTENT[index] if index < 8 else f"content:{index}"
+                        channel = CONTENT[index] if index < 8 else f"content:{index}"
                         pieces = self.texts.get(channel)
                         if pieces is None:
                             self.texts[channel] = [text]
@@ -171,10 +122,10 @@ class OpenAIChat(Extractor):
                 if reason is not None and type(reason) is str:
                     self.finish_reason = reason
         if "error" in chunk:
-            self.errors.append(_error_message(chunk["error"]))
+            self.errors.append(error_message(chunk["error"]))
         usage = chunk.get("usage")
         if usage is None and "x_groq" in chunk:  # Groq puts it under x_groq
-            usage = _dict(chunk["x_groq"]).get("usage")
+            usage = as_dict(chunk["x_groq"]).get("usage")
         if type(usage) is dict:
             # Some providers send running totals on every chunk: the last one is the truth.
             self.usage = openai_usage(usage)
@@ -199,13 +150,13 @@ class OpenAIChat(Extractor):
                 self._template = template
 
     def body(self, data: bytes) -> None:
-        response = _dict(orjson.loads(data))
+        response = as_dict(orjson.loads(data))
         self._model(response.get("model"))
         if "error" in response:
-            self.errors.append(_error_message(response["error"]))
-        for choice in _list(response.get("choices")):
-            choice = _dict(choice)
-            self._message(_dict(choice.get("message")), _int(choice.get("index")))
+            self.errors.append(error_message(response["error"]))
+        for choice in as_list(response.get("choices")):
+            choice = as_dict(choice)
+            self._message(as_dict(choice.get("message")), as_int(choice.get("index")))
             self._finish(choice)
         if isinstance(response.get("usage"), dict):
             self.usage = openai_usage(response["usage"])
@@ -217,20 +168,20 @@ class OpenAIChat(Extractor):
             if not value:
                 continue
             if key == "content":
-                self._text(_CONTENT[index] if index < 8 else f"content:{index}", value)
+                self._text(CONTENT[index] if index < 8 else f"content:{index}", value)
             elif key in ("reasoning_content", "reasoning"):  # DeepSeek; OpenRouter and others
                 self._text(f"reasoning:{index}", value)
             elif key == "refusal":
                 self._text(f"refusal:{index}", value)
             elif key == "tool_calls" and isinstance(value, list):
                 for call in value:
-                    call = _dict(call)
-                    function = _dict(call.get("function"))
-                    channel = f"tool:{index}:{_int(call.get('index'))}"
+                    call = as_dict(call)
+                    function = as_dict(call.get("function"))
+                    channel = f"tool:{index}:{as_int(call.get('index'))}"
                     self._text(channel, function.get("name"))
                     self._text(channel, function.get("arguments"))
             elif key == "function_call":  # the legacy functions API
-                function_call = _dict(value)
+                function_call = as_dict(value)
                 self._text(f"tool:{index}:f", function_call.get("name"))
                 self._text(f"tool:{index}:f", function_call.get("arguments"))
 
@@ -239,8 +190,6 @@ class OpenAIChat(Extractor):
         if isinstance(reason, str):
             self.finish_reason = reason
 
-
-_CONTENT = [f"content:{i}" for i in range(8)]
 
 # How many chunks a stream may take as a template. A provider whose chunks differ in more than
 # the text (a timestamp or an id per chunk) never matches one: it stops trying, so that it pays
@@ -356,18 +305,18 @@ _USAGE_CHUNK_KEYS = frozenset(
 
 
 def openai_usage(usage: dict[str, Any]) -> Usage:
-    prompt = _dict(usage.get("prompt_tokens_details"))
-    completion = _dict(usage.get("completion_tokens_details"))
+    prompt = as_dict(usage.get("prompt_tokens_details"))
+    completion = as_dict(usage.get("completion_tokens_details"))
     cached = (
-        _int(prompt.get("cached_tokens"))
-        or _int(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
-        or _int(usage.get("cached_tokens"))
+        as_int(prompt.get("cached_tokens"))
+        or as_int(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
+        or as_int(usage.get("cached_tokens"))
     )
     return Usage(
-        input=_int(usage.get("prompt_tokens")),
-        output=_int(usage.get("completion_tokens")),
+        input=as_int(usage.get("prompt_tokens")),
+        output=as_int(usage.get("completion_tokens")),
         cached_input=cached,
-        reasoning=_int(completion.get("reasoning_tokens")),
+        reasoning=as_int(completion.get("reasoning_tokens")),
     )
 
 
@@ -375,7 +324,7 @@ class OpenAICompletions(OpenAIChat):
     def event(self, data: bytes, name: str | None) -> bool:
         if data == b"[DONE]":
             return False
-        chunk = _dict(orjson.loads(data))
+        chunk = as_dict(orjson.loads(data))
         self._legacy(chunk)
         usage = chunk.get("usage")
         if isinstance(usage, dict):
@@ -384,7 +333,7 @@ class OpenAICompletions(OpenAIChat):
         return False
 
     def body(self, data: bytes) -> None:
-        response = _dict(orjson.loads(data))
+        response = as_dict(orjson.loads(data))
         self._legacy(response)
         if isinstance(response.get("usage"), dict):
             self.usage = openai_usage(response["usage"])
@@ -392,10 +341,10 @@ class OpenAICompletions(OpenAIChat):
     def _legacy(self, chunk: dict[str, Any]) -> None:
         self._model(chunk.get("model"))
         if "error" in chunk:
-            self.errors.append(_error_message(chunk["error"]))
-        for choice in _list(chunk.get("choices")):
-            choice = _dict(choice)
-            self._text(f"content:{_int(choice.get('index'))}", choice.get("text"))
+            self.errors.append(error_message(chunk["error"]))
+        for choice in as_list(chunk.get("choices")):
+            choice = as_dict(choice)
+            self._text(f"content:{as_int(choice.get('index'))}", choice.get("text"))
             self._finish(choice)
 
 
@@ -419,32 +368,32 @@ class OpenAIResponses(Extractor):
     def event(self, data: bytes, name: str | None) -> bool:
         if name is not None and name not in _RESPONSES_TEXT and name not in _RESPONSES_STATE:
             return False
-        message = _dict(orjson.loads(data))
+        message = as_dict(orjson.loads(data))
         kind = message.get("type") or name
         if not isinstance(kind, str):
             return False
         channel = _RESPONSES_TEXT.get(kind)
         if channel is not None:
-            self._text(f"{channel}:{_int(message.get('output_index'))}", message.get("delta"))
+            self._text(f"{channel}:{as_int(message.get('output_index'))}", message.get("delta"))
         elif kind == "error":
-            self.errors.append(_error_message(message.get("error") or message))
+            self.errors.append(error_message(message.get("error") or message))
         elif kind in _RESPONSES_STATE:
-            self._response(_dict(message.get("response")), final=kind in _RESPONSES_FINAL)
+            self._response(as_dict(message.get("response")), final=kind in _RESPONSES_FINAL)
         return False
 
     def body(self, data: bytes) -> None:
-        response = _dict(orjson.loads(data))
-        for index, item in enumerate(_list(response.get("output"))):
-            item = _dict(item)
+        response = as_dict(orjson.loads(data))
+        for index, item in enumerate(as_list(response.get("output"))):
+            item = as_dict(item)
             kind = item.get("type")
             if kind == "message":
-                for part in _list(item.get("content")):
-                    part = _dict(part)
+                for part in as_list(item.get("content")):
+                    part = as_dict(part)
                     self._text(f"content:{index}", part.get("text"))
                     self._text(f"refusal:{index}", part.get("refusal"))
             elif kind == "reasoning":
-                for part in (*(_list(item.get("summary"))), *(_list(item.get("content")))):
-                    self._text(f"reasoning:{index}", _dict(part).get("text"))
+                for part in (*(as_list(item.get("summary"))), *(as_list(item.get("content")))):
+                    self._text(f"reasoning:{index}", as_dict(part).get("text"))
             elif kind in ("function_call", "custom_tool_call", "mcp_call"):
                 self._text(f"tool:{index}", item.get("arguments") or item.get("input"))
         self._response(response, final=True)
@@ -452,154 +401,127 @@ class OpenAIResponses(Extractor):
     def _response(self, response: dict[str, Any], final: bool) -> None:
         self._model(response.get("model"))
         if response.get("error"):
-            self.errors.append(_error_message(response["error"]))
+            self.errors.append(error_message(response["error"]))
         usage = response.get("usage")
         if isinstance(usage, dict):
-            details_in = _dict(usage.get("input_tokens_details"))
-            details_out = _dict(usage.get("output_tokens_details"))
+            details_in = as_dict(usage.get("input_tokens_details"))
+            details_out = as_dict(usage.get("output_tokens_details"))
             self.usage = Usage(
-                input=_int(usage.get("input_tokens")),
-                output=_int(usage.get("output_tokens")),
-                cached_input=_int(details_in.get("cached_tokens")),
-                reasoning=_int(details_out.get("reasoning_tokens")),
+                input=as_int(usage.get("input_tokens")),
+                output=as_int(usage.get("output_tokens")),
+                cached_input=as_int(details_in.get("cached_tokens")),
+                reasoning=as_int(details_out.get("reasoning_tokens")),
             )
         if final and isinstance(response.get("status"), str):
-            reason = _dict(response.get("incomplete_details")).get("reason")
+            reason = as_dict(response.get("incomplete_details")).get("reason")
             self.finish_reason = reason if isinstance(reason, str) else response["status"]
 
 
-class AnthropicMessages(Extractor):
-    """message_start carries the input usage (and a placeholder output count); each
-    message_delta carries cumulative usage, sometimes with a larger input (server tools)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._raw: dict[str, int] = {}
-        self._blocks: dict[int, str] = {}
-
-    def event(self, data: bytes, name: str | None) -> bool:
-        if name == "ping":
-            return False
-        message = _dict(orjson.loads(data))
-        kind = message.get("type")
-        if kind == "content_block_delta":
-            delta = _dict(message.get("delta"))
-            index = _int(message.get("index"))
-            delta_type = delta.get("type")
-            if delta_type == "text_delta":
-                self._text(_CONTENT[index] if index < 8 else f"content:{index}", delta.get("text"))
-            elif delta_type == "thinking_delta":
-                self._text(f"reasoning:{index}", delta.get("thinking"))
-            elif delta_type == "input_json_delta":
-                self._text(f"tool:{index}", delta.get("partial_json"))
-        elif kind == "content_block_start":
-            block = _dict(message.get("content_block"))
-            index = _int(message.get("index"))
-            if block.get("type") == "text":
-                self._text(f"content:{index}", block.get("text"))
-            elif block.get("type") in ("tool_use", "server_tool_use"):
-                self._text(f"tool:{index}", block.get("name"))
-        elif kind == "message_start":
-            start = _dict(message.get("message"))
-            self._model(start.get("model"))
-            self._usage(_dict(start.get("usage")))
-        elif kind == "message_delta":
-            reason = _dict(message.get("delta")).get("stop_reason")
-            if isinstance(reason, str):
-                self.finish_reason = reason
-            self._usage(_dict(message.get("usage")))
-        elif kind == "error":
-            self.errors.append(_error_message(message.get("error")))
-        return False
-
-    def body(self, data: bytes) -> None:
-        message = _dict(orjson.loads(data))
-        if message.get("type") == "error":
-            self.errors.append(_error_message(message.get("error")))
-        self._model(message.get("model"))
-        for index, block in enumerate(_list(message.get("content"))):
-            block = _dict(block)
-            kind = block.get("type")
-            if kind == "text":
-                self._text(f"content:{index}", block.get("text"))
-            elif kind == "thinking":
-                self._text(f"reasoning:{index}", block.get("thinking"))
-            elif kind in ("tool_use", "server_tool_use"):
-                self._text(f"tool:{index}", block.get("name"))
-                self._text(f"tool:{index}", orjson.dumps(block.get("input")).decode())
-        if isinstance(message.get("stop_reason"), str):
-            self.finish_reason = message["stop_reason"]
-        self._usage(_dict(message.get("usage")))
-
-    def _usage(self, usage: dict[str, Any]) -> None:
-        for key in ("input_tokens", "output_tokens", "cache_creation_input_tokens",
-                    "cache_read_input_tokens"):  # fmt: skip
-            if isinstance(usage.get(key), int):
-                self._raw[key] = usage[key]
-        if not self._raw:
-            return
-        written = self._raw.get("cache_creation_input_tokens", 0)
-        read = self._raw.get("cache_read_input_tokens", 0)
-        self.usage = Usage(
-            # Anthropic's input_tokens leaves out cache reads and writes; ours includes them.
-            input=self._raw.get("input_tokens", 0) + written + read,
-            output=self._raw.get("output_tokens", 0),
-            cached_input=read,
-            cache_write_input=written,
-        )
+# -- prompt estimates ---------------------------------------------------------------------------
 
 
-class Ollama(Extractor):
-    """/api/chat and /api/generate: one JSON object per line, the last with `done: true`."""
-
-    def event(self, data: bytes, name: str | None) -> bool:
-        if data and not data.isspace():  # a blank line: nothing to read (and no copy made)
-            self._object(_dict(orjson.loads(data)))
-        return False
-
-    def body(self, data: bytes) -> None:
-        self._object(_dict(orjson.loads(data)))
-
-    def _object(self, message: dict[str, Any]) -> None:
-        # Once per line of every stream: the helpers are called only for fields that are there
-        # (a line carries one or two of them), which halves the calls a line costs.
-        if "error" in message:
-            self.errors.append(_error_message(message["error"]))
-        model = message.get("model")
-        if model != self.model:
-            self._model(model)
-        if response := message.get("response"):
-            self._text("content:0", response)
-        if thinking := message.get("thinking"):
-            self._text("reasoning:0", thinking)
-        chat = message.get("message")
-        if not chat or type(chat) is not dict:
-            chat = {}
-        if content := chat.get("content"):
-            self._text("content:0", content)
-        if thinking := chat.get("thinking"):
-            self._text("reasoning:0", thinking)
-        for i, call in enumerate(_list(chat.get("tool_calls"))):
-            function = _dict(_dict(call).get("function"))
-            self._text(f"tool:{i}", function.get("name"))
-            self._text(f"tool:{i}", orjson.dumps(function.get("arguments")).decode())
-        if message.get("done") is True:
-            if isinstance(message.get("done_reason"), str):
-                self.finish_reason = message["done_reason"]
-            if "prompt_eval_count" in message or "eval_count" in message:
-                self.usage = Usage(
-                    input=_int(message.get("prompt_eval_count")),
-                    output=_int(message.get("eval_count")),
-                )
+def estimate_completions(e: PromptEstimator, request: dict[str, Any], model: str) -> int:
+    return e.texts(strings(request.get("prompt")))
 
 
-def extractor_for(dialect: Dialect) -> Extractor:
-    kinds: dict[Dialect, type[Extractor]] = {
-        "openai_chat": OpenAIChat,
-        "openai_completions": OpenAICompletions,
-        "openai_responses": OpenAIResponses,
-        "anthropic_messages": AnthropicMessages,
-        "ollama_chat": Ollama,
-        "ollama_generate": Ollama,
-    }
-    return kinds.get(dialect, Extractor)()
+def estimate_chat(e: PromptEstimator, request: dict[str, Any], model: str) -> int:
+    total = REPLY_PRIMING
+    for message in as_list(request.get("messages")):
+        if not isinstance(message, dict):
+            continue
+        total += PER_MESSAGE + e.count(message.get("role"))
+        total += _content(e, message.get("content"), model)
+        if message.get("name"):
+            total += PER_NAME + e.count(message["name"])
+        for call in as_list(message.get("tool_calls")):
+            function = as_dict(as_dict(call).get("function"))
+            total += e.count(function.get("name")) + e.count(function.get("arguments"))
+        total += e.count(as_dict(message.get("function_call")).get("arguments"))
+    tools = [as_dict(t).get("function") for t in as_list(request.get("tools"))]
+    tools += list(as_list(request.get("functions")))
+    total += _tools(e, [t for t in tools if isinstance(t, dict)])
+    response_format = as_dict(request.get("response_format"))
+    if response_format.get("type") == "json_schema":
+        total += e.json(as_dict(response_format.get("json_schema")).get("schema"))
+    return total
+
+
+def _content(e: PromptEstimator, content: object, model: str) -> int:
+    if isinstance(content, str):
+        return e.count(content)
+    total = 0
+    for part in content if isinstance(content, list) else ():
+        part = as_dict(part)
+        kind = part.get("type")
+        if kind in ("text", "input_text", "output_text"):
+            total += e.count(part.get("text"))
+        elif kind == "refusal":
+            total += e.count(part.get("refusal"))
+        elif kind in ("image_url", "input_image"):
+            image = part.get("image_url")
+            url = as_dict(image).get("url") if isinstance(image, dict) else image
+            detail = as_dict(image).get("detail") or part.get("detail") or "auto"
+            total += _image(e, url, str(detail), model)
+    return total
+
+
+def _image(e: PromptEstimator, url: object, detail: str, model: str) -> int:
+    pricing = next((p for prefix, p in _TILE_MODELS if model.startswith(prefix)), _TILE_DEFAULT)
+    if detail == "low":
+        return pricing.base
+    size = image_size_from_data_url(url) if isinstance(url, str) else None
+    if size is None:
+        return e.image_default
+    return openai_image_tokens(*size, pricing)
+
+
+def _tools(e: PromptEstimator, functions: list[dict[str, Any]]) -> int:
+    if not functions:
+        return 0
+    total = _FUNCTION_END
+    for function in functions:
+        total += _FUNCTION_START
+        description = str(function.get("description") or "").removesuffix(".")
+        total += e.count(f"{function.get('name', '')}:{description}")
+        properties = as_dict(as_dict(function.get("parameters")).get("properties"))
+        if properties:
+            total += _PROPERTIES_START
+        for name, spec in properties.items():
+            spec = as_dict(spec)
+            total += _PROPERTY
+            enum = spec.get("enum")
+            if isinstance(enum, list):
+                total += _ENUM_START + sum(_ENUM_ITEM + e.count(str(e)) for e in enum)
+            described = str(spec.get("description") or "").removesuffix(".")
+            total += e.count(f"{name}:{spec.get('type', '')}:{described}")
+    return total
+
+
+def estimate_responses(e: PromptEstimator, request: dict[str, Any], model: str) -> int:
+    total = REPLY_PRIMING
+    if request.get("instructions"):
+        total += PER_MESSAGE + e.count("system") + e.count(request["instructions"])
+    items = request.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    for item in items if isinstance(items, list) else ():
+        item = as_dict(item)
+        kind = item.get("type", "message")
+        total += PER_MESSAGE
+        if kind == "message":
+            total += e.count(item.get("role"))
+            total += _content(e, item.get("content"), model)
+        elif kind == "function_call":
+            total += e.count(item.get("name")) + e.count(item.get("arguments"))
+        elif kind == "function_call_output":
+            output = item.get("output")
+            total += e.count(output) if isinstance(output, str) else e.json(output)
+    tools = [t for t in as_list(request.get("tools")) if isinstance(t, dict)]
+    total += _tools(e, [t for t in tools if t.get("type") == "function"])
+    total += sum(e.json(t) for t in tools if t.get("type") != "function")
+    return total
+
+
+def error_body(status: int, message: str, kind: str, code: str) -> bytes:
+    """OpenAI's error shape, which every OpenAI-compatible SDK parses."""
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
