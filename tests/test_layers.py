@@ -30,8 +30,8 @@ IMPURE_LIBRARIES = {
 }  # fmt: skip
 # Which of tallygate's own modules each pure package may import.
 ALLOWED_OWN = {
-    "core": ("tallygate.core",),
-    "policy": ("tallygate.core", "tallygate.policy", "tallygate.config.schema"),
+    "core": ("tallygate.core", "tallygate.compat"),
+    "policy": ("tallygate.core", "tallygate.policy", "tallygate.config.schema", "tallygate.compat"),
 }
 NEVER_IMPORT_THE_PROXY = ("observe", "policy", "ledger")
 
@@ -99,7 +99,7 @@ def test_sinks_and_policies_never_import_the_proxy(package: str) -> None:
 
 
 def test_every_module_lives_in_a_package_that_names_its_layer() -> None:
-    loose = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli"}
+    loose = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli", "compat"}
     assert not loose, f"modules outside the layered packages: {sorted(loose)}"
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
     assert packages == set(PACKAGES)
@@ -119,3 +119,33 @@ def test_the_layer_rules_catch_a_violation(tmp_path: Path) -> None:
     assert "os" in imports(sample)
     assert "tallygate.proxy.relay" in imports(sample, top_level_only=False)
     assert "tallygate.proxy.relay" not in imports(sample)
+
+
+def test_the_compat_module_loads_no_library() -> None:
+    """Pure modules use tallygate/compat.py for tiktoken's private parts: it may not bring
+    aiohttp, asyncio or tiktoken in with it."""
+    found = imports(PACKAGE / "compat.py")
+    assert not {n for n in found if n.split(".")[0] in IMPURE_LIBRARIES | {"tiktoken"}}
+
+
+def test_untested_library_versions_are_warned_about() -> None:
+    from tallygate.compat import TESTED, untested_versions
+
+    def at(versions: dict[str, str]) -> list[str]:
+        return untested_versions(lambda name: versions[name])
+
+    tested = {name: low + ".0" for name, (low, _) in TESTED.items()}
+    assert at(tested) == []
+    warnings = at({**tested, "aiohttp": "3.15.0"})
+    assert len(warnings) == 1 and warnings[0].startswith("aiohttp 3.15.0 is installed")
+    assert len(at({"aiohttp": "3.9.5", "tiktoken": "1.0.0rc1"})) == 2
+    # The pins in pyproject.toml are the tested ranges.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for name, (low, high) in TESTED.items():
+        assert f'"{name}>={low},<{high}"' in pyproject, name
+
+
+def test_the_installed_libraries_are_the_tested_ones() -> None:
+    from tallygate.compat import untested_versions
+
+    assert untested_versions() == []

@@ -60,9 +60,10 @@ def _check(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     sys.stdout.write(yaml.safe_dump(effective_config(config), sort_keys=False))
+    from tallygate.compat import untested_versions
     from tallygate.config.checks import config_warnings
 
-    for warning in config_warnings(config):
+    for warning in (*config_warnings(config), *untested_versions()):
         print(f"warning: {warning}", file=sys.stderr)
     _warn_price_table_age(datetime.now(UTC).date())
     return 0

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import regex
 import tiktoken
 
+from tallygate.compat import split_pattern, token_buffer
+
 ENCODINGS = ("o200k_base", "cl100k_base", "p50k_base")
 
 # Model name globs, first match wins, matched against the name after any `provider/` prefix.
@@ -171,7 +173,7 @@ def _split_pattern(encoding: tiktoken.Encoding) -> regex.Pattern[str]:
     pattern = _patterns.get(encoding.name)
     if pattern is None:
         # tiktoken's own pre-tokenizer regex for this encoding.
-        pattern = _patterns[encoding.name] = regex.compile(encoding._pat_str)
+        pattern = _patterns[encoding.name] = regex.compile(split_pattern(encoding))
     return pattern
 
 
@@ -183,7 +185,7 @@ def count(encoding: tiktoken.Encoding, text: str) -> int:
     tiktoken), or for text tiktoken re-encodes (lone surrogates), the list it is."""
     if not text:
         return 0
-    to_buffer = getattr(getattr(encoding, "_core_bpe", None), "encode_to_tiktoken_buffer", None)
+    to_buffer = token_buffer(encoding)
     if to_buffer is not None:
         try:
             # No special token allowed: each is encoded as plain text, as encode_ordinary does.

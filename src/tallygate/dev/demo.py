@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from tallygate.compat import listening_port
 from tallygate.config import Listen, ListenError, Metering, load_config_text
 from tallygate.core.tokens import Tokenizers
 from tallygate.dev.simulator import Simulator, SimulatorSettings
@@ -46,9 +47,7 @@ async def _start_simulator(
     except OSError as error:
         await runner.cleanup()
         raise ListenError.of(listen, error) from None
-    server = site._server  # asyncio's Server: its sockets tell the port the OS chose
-    sockets = getattr(server, "sockets", None) or ()
-    return runner, int(sockets[0].getsockname()[1]) if sockets else listen.port
+    return runner, listening_port(site, listen.port)
 
 
 def run_simulator(listen: Listen, settings: SimulatorSettings) -> None:

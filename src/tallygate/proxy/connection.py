@@ -4,22 +4,27 @@ aiohttp has no read timeout for a request head (a client may send it a byte a mi
 a request it cannot parse with plain text and no record, and accepts connections without limit.
 This subclass adds the head timeout and the connection count, and hands every request that never
 reaches the handler to an `Unparsed` callback, which answers in the API's error shape and leaves
-a usage record. It only keeps time and counts: the answers are the proxy's (relay.py).
+a usage record. It only keeps time and counts: the answers are the proxy's (proxy/relay.py).
 
-It relies on two internals of aiohttp 3 (the error queue entry `_ErrInfo` and the
-`_make_error_handler` hook); tests/test_hostile.py fails if they change.
+It relies on internals of aiohttp, listed in tallygate/compat.py;
+tests/test_hostile_clients.py fails if they change.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler
+
+from tallygate.compat import head_timeout_entry
+
+if TYPE_CHECKING:
+    from aiohttp.web_protocol import _ErrInfo as ErrInfo
 
 
 class HeadTimeout(HttpProcessingError):
@@ -114,13 +119,13 @@ class ClientConnection(RequestHandler):
         # Through aiohttp's own queue, so the answer goes the way of any refused request.
         self._head_since = None
         self._messages.append(
-            (_ErrInfo(status=408, exc=HeadTimeout(), message=HeadTimeout.message), EMPTY_PAYLOAD)
+            (head_timeout_entry(408, HeadTimeout(), HeadTimeout.message), EMPTY_PAYLOAD)
         )
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def _make_error_handler(
-        self, err_info: _ErrInfo
+        self, err_info: ErrInfo
     ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         status, reason = classify(err_info.exc, self._line_end, self.max_line_size)
         received = self._head_bytes

@@ -25,6 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from tallygate.compat import bytes_written
 from tallygate.config import Config, Timeouts, Upstream
 from tallygate.core import errors
 from tallygate.core.codec import (
@@ -998,8 +999,7 @@ def _close(request: web.BaseRequest) -> None:
 def _output_size(response: web.StreamResponse) -> int:
     """Every byte written to the client for this response: status line, headers, chunk framing,
     body (aiohttp's writer counts them as they go to the socket)."""
-    writer = getattr(response, "_payload_writer", None)  # until write_eof; body_length after
-    return int(writer.output_size) if writer is not None else response.body_length
+    return bytes_written(response)
 
 
 def _sent_size(

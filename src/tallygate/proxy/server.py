@@ -22,12 +22,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.helpers import _EXC_SENTINEL
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import StreamReader
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from tallygate.compat import use_protocol
 from tallygate.config import Config, ConfigError, Listen, ListenError, effective_config, load_config
 from tallygate.config.prices import default_price_table
 from tallygate.core.pricing import Costing, EgressPrice, UnpricedModels
@@ -172,9 +172,9 @@ class _UpstreamProtocol(ResponseHandler):
         if self.transport is not None:
             self.transport.close()
 
-    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+    def set_exception(self, exc: BaseException, *cause: BaseException) -> None:
         payload = self._payload
-        super().set_exception(exc, exc_cause)
+        super().set_exception(exc, *cause)  # aiohttp's own "no cause" when none is given
         if payload is not None and not payload.is_eof() and payload.exception() is None:
             payload.set_exception(aiohttp.ClientPayloadError(f"the body broke: {exc}"), exc)
 
@@ -186,11 +186,8 @@ def new_session(config: Config) -> aiohttp.ClientSession:
         keepalive_timeout=config.pool.keepalive_timeout,
         ttl_dns_cache=60,
     )
-    # The protocol is built by this private factory; tests/test_hostile_upstreams.py fails if
-    # aiohttp stops using it.
-    connector._factory = functools.partial(  # type: ignore[assignment]
-        _UpstreamProtocol, loop=asyncio.get_running_loop()
-    )
+    # tests/test_hostile_upstreams.py fails if aiohttp stops building connections this way.
+    use_protocol(connector, functools.partial(_UpstreamProtocol, loop=asyncio.get_running_loop()))
     return aiohttp.ClientSession(
         connector=connector,
         # We read the body as sent, count it, and decode it ourselves (compression.UpstreamDecoder).

@@ -24,6 +24,7 @@ import time
 import aiohttp
 from aiohttp import web
 
+from tallygate.compat import leave_running_loop, untested_versions
 from tallygate.config import Config, ListenError
 from tallygate.config.checks import config_warnings
 from tallygate.core.tokens import Tokenizers
@@ -63,7 +64,7 @@ def _spawn(
     # signal wake-up pipe and the master's sockets behind before starting a loop of our own.
     code = 0
     try:
-        asyncio.events._set_running_loop(None)
+        leave_running_loop()
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
@@ -230,7 +231,7 @@ class Master:
 def run(config: Config, tokenizers: Tokenizers | None, path: str | None = None) -> None:
     """`tallygate serve`: one process, or a master and `workers` processes on one port. (Here,
     above both, so that server.py never imports this module: no import circle.)"""
-    for warning in config_warnings(config):
+    for warning in (*config_warnings(config), *untested_versions()):
         log.warning("%s", warning)
     if config.workers > 1:
         supervise(config, tokenizers, path)
