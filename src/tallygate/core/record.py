@@ -27,6 +27,16 @@ Outcome = Literal[
 TokensSource = Literal["reported", "estimated", "mixed", "none"]
 
 
+def outcome_of(noted: Outcome, upstream_status: int) -> Outcome:
+    """The record's outcome, the one place it is decided. `ok` is a request served: an
+    upstream's error status (4xx, 5xx) relayed whole ends as `upstream_status`. What the relay
+    noted otherwise (the client left, a timeout, a broken body, a refusal) says how the request
+    ended, and stays."""
+    if noted == "ok" and upstream_status >= 400:
+        return "upstream_status"
+    return noted
+
+
 def billable(status: int) -> bool:
     """Whether an upstream's answer is billed from tallygate's estimates: a success (2xx).
     Any other answer (an error, a redirect) is billed only for the usage the provider reported

@@ -67,13 +67,12 @@ class Exchange:
     cost: Cost | None = None
     upstream_status: int = 0  # the upstream's own status, once its head arrived; 0: none came
 
-    def final_outcome(self) -> Outcome:
-        """`ok` is a request served: an upstream's error status (4xx, 5xx) relayed whole ends
-        as `upstream_status`. An outcome already set (the client left, a timeout, a broken
-        body) says how the request ended, and stays."""
-        if self.outcome == "ok" and self.upstream_status >= 400:
-            return "upstream_status"
-        return self.outcome
+    def end(self, outcome: Outcome, error_reason: str | None = None) -> None:
+        """Note what ended the request, as the relay saw it. The record's outcome is decided
+        from it once the request is over, by `outcome_of`."""
+        self.outcome = outcome
+        if error_reason is not None:
+            self.error_reason = error_reason
 
     def tokens(self) -> tuple[Usage, TokensSource]:
         response = self.response

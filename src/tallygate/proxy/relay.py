@@ -39,7 +39,7 @@ from tallygate.core.codec import (
     is_compressible,
     media_type,
 )
-from tallygate.core.dialects import ApiFamily, Dialect, detect_dialect, family_for
+from tallygate.core.dialects import ApiFamily, Dialect
 from tallygate.core.errors import ProxyError
 from tallygate.core.meter import (
     MeteringSettings,
@@ -55,21 +55,22 @@ from tallygate.core.record import (
     USER_AGENT_CHARS,
     UsageRecord,
     head_size,
+    outcome_of,
     received_head_size,
     sane_request_id,
 )
 from tallygate.core.tokens import Tokenizers
 from tallygate.observe.accesslog import AccessLog
 from tallygate.observe.metrics import Metrics
-from tallygate.policy.cors import CorsPolicy, is_preflight
+from tallygate.policy.admission import Admission, Preflight, Refused
+from tallygate.policy.cors import CorsPolicy
 from tallygate.policy.headers import (
     ClientSide,
     client_address,
     client_response_headers,
-    is_trusted,
     upstream_request_headers,
 )
-from tallygate.policy.routing import Router, canonical_path, path_problem, upstream_url
+from tallygate.policy.routing import Router, upstream_url
 from tallygate.policy.tenants import Tenants
 from tallygate.proxy.exchange import Exchange
 
@@ -201,6 +202,7 @@ class Proxy:
             config.require_key,
         )
         self.router = Router(config.routes)
+        self.admission = Admission(config, self.router, self.tenants)
         self.tokenizers = tokenizers
         self.gzip = GzipSettings(
             config.compression.level, config.compression.window_bits, config.compression.mem_level
@@ -223,7 +225,7 @@ class Proxy:
             return await self._handle(request, exchange)
         except asyncio.CancelledError:
             if exchange.outcome == "ok":
-                exchange.outcome = "shutdown" if self.draining else "client_disconnect"
+                exchange.end("shutdown" if self.draining else "client_disconnect")
             raise
         finally:
             self.active -= 1
@@ -276,7 +278,7 @@ class Proxy:
         """The one place a request ends: its usage record is written exactly once, now, or once
         a long prompt is counted."""
         exchange.ended = self._loop.time()
-        exchange.outcome = exchange.final_outcome()
+        exchange.outcome = outcome_of(exchange.outcome, exchange.upstream_status)
         facts = exchange.request
         counted_apart = exchange.counting is not None or self._count_prompt(exchange)
         if facts is not None and facts.parsed is not None and not counted_apart:
@@ -393,60 +395,29 @@ class Proxy:
         self.metrics.observe(record)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
-        # Until a route says otherwise, errors take the shape of the API the path names.
-        family = family_for(detect_dialect(request.path), request.path)
-        limits = self.limits
-        origin = request.headers.get("Origin")
-        if origin is not None:  # a browser's cross-origin request: every answer says CORS
-            cors = self.config.cors_for(self.router.match(request.path))
-            if cors is not None:
-                exchange.cors = (cors, origin)
-        if limits.max_connections and getattr(request.protocol, "over_limit", False):
-            refusal = errors.overloaded("connections", limits.max_connections)
-            return await self._refuse(request, exchange, refusal, family, close=True)
-        if limits.max_streams and self.active > limits.max_streams:
-            refusal = errors.overloaded("streams", limits.max_streams)
-            return await self._refuse(request, exchange, refusal, family)
-        if request.method == "CONNECT":
-            return await self._refuse(request, exchange, errors.method_refused("CONNECT"), family)
-        raw_target = request.raw_path
-        if not raw_target.startswith("/"):
-            refusal = errors.not_a_proxy("a request target not starting with /")
-            return await self._refuse(request, exchange, refusal, family)
-        path, mark, query = raw_target.partition("?")
-        path = canonical_path(path)
-        problem = path_problem(path) or ("fragment" if "#" in query else None)
-        if problem is not None:
-            return await self._refuse(request, exchange, errors.path_refused(problem), family)
-        target = path + mark + query
-        if exchange.cors is not None and is_preflight(request.method, request.headers):
-            return await self._preflight(request, exchange, *exchange.cors, family)
-
-        route = self.router.match(path)
-        if route is not None:  # from here on, errors take the shape of the route's API
-            spoken = (
-                detect_dialect(path) if route.dialect == "auto" else cast(Dialect, route.dialect)
-            )
-            exchange.family = family = family_for(spoken, path)
-        peer = request.remote
-        trusted = is_trusted(peer, self.config.trusted_proxies)
-        identity = self.tenants.identify(request.headers, trusted)
-        if identity is None:  # before a 404: who has no key learns nothing of the routes
-            return await self._refuse(request, exchange, errors.unauthorized(), family)
+        decision = self.admission.decide(
+            request.method, request.raw_path, request.path, request.headers, request.remote,
+            request.content_length, getattr(request.protocol, "over_limit", False), self.active,
+        )  # fmt: skip
+        exchange.cors, exchange.family = decision.cors, decision.family
+        family, admitted = decision.family, decision.verdict
+        if isinstance(admitted, Refused):
+            return await self._refuse(request, exchange, admitted.error, family, admitted.close)
+        if isinstance(admitted, Preflight):
+            assert decision.cors is not None
+            return await self._preflight(request, exchange, *decision.cors, family)
+        route, identity, target = admitted.route, admitted.identity, admitted.target
         exchange.tenant = identity.tenant
-        if route is None:
-            return await self._refuse(request, exchange, errors.no_route(request.path), family)
         upstream = self.config.upstreams[route.upstream]
         exchange.route, exchange.upstream = route.path_prefix, upstream.name
         # Relay only, unless metered; and every API call that is billed is a POST: an OPTIONS,
         # a GET of a stored response, a DELETE are relayed, not metered.
         metered = self.config.metering.enabled and request.method == "POST"
-        dialect: Dialect = spoken if metered else "none"
+        dialect: Dialect = admitted.spoken if metered else "none"
         exchange.dialect = dialect
 
+        limits = self.limits
         limit = limits.max_request_bytes
-        if request.content_length is not None and request.content_length > limit:
-            return await self._refuse(request, exchange, errors.too_large(limit), family)
         if (
             request.version >= (1, 1)
             and request.headers.get("Expect", "").lower() == "100-continue"
@@ -487,7 +458,10 @@ class Proxy:
                 await _let_others_run()
             facts.body = with_usage_option(facts.body)
         client = ClientSide(
-            peer=peer, scheme=request.scheme, host=request.headers.get("Host"), trusted=trusted
+            peer=request.remote,
+            scheme=request.scheme,
+            host=request.headers.get("Host"),
+            trusted=admitted.trusted,
         )
         headers = upstream_request_headers(
             request.headers, client, upstream.api_key, upstream.auth_header,
@@ -558,8 +532,7 @@ class Proxy:
                     exchange.request.body = b""
             except aiohttp.ConnectionTimeoutError:
                 sent = False
-                exchange.outcome = "timeout"
-                exchange.error_reason = "connect_timeout"
+                exchange.end("timeout", "connect_timeout")
                 refusal = errors.upstream_timeout(
                     upstream.name, "connect", upstream.timeouts.connect
                 )
@@ -567,8 +540,7 @@ class Proxy:
             except aiohttp.ClientResponseError as error:
                 # It answered, but not in HTTP: a bad status line or head, or a body that broke
                 # before aiohttp handed us the response. Its bytes are not quoted back.
-                exchange.outcome = "upstream_error"
-                exchange.error_reason = "invalid_response"
+                exchange.end("upstream_error", "invalid_response")
                 # Its own words only: aiohttp's message goes on to quote the upstream's bytes.
                 what = str(error.message).split(":", 1)[0][:100]
                 log.warning("upstream %s sent an invalid response: %s", upstream.name, what)
@@ -578,8 +550,7 @@ class Proxy:
                 # Refused or unresolvable: the request never left. A connection lost after
                 # sending (ServerDisconnectedError) may have reached the provider.
                 sent = not isinstance(error, aiohttp.ClientConnectorError)
-                exchange.outcome = "upstream_error"
-                exchange.error_reason = "unreachable"
+                exchange.end("upstream_error", "unreachable")
                 log.warning("upstream %s unreachable: %s", upstream.name, _describe(error))
                 # The client learns what failed, not where the upstream lives (host, port).
                 refusal = errors.upstream_unreachable(upstream.name, _kind_of_failure(error))
@@ -591,8 +562,7 @@ class Proxy:
             if unrelayable is not None:
                 upstream_response.close()  # never back to the pool
                 exchange.status = exchange.upstream_status = upstream_response.status
-                exchange.outcome = "upstream_error"
-                exchange.error_reason = "invalid_response"
+                exchange.end("upstream_error", "invalid_response")
                 log.warning("upstream %s sent %s", upstream.name, unrelayable)
                 refusal = errors.upstream_invalid(upstream.name)
                 return await self._refuse(request, exchange, refusal, family)
@@ -617,14 +587,13 @@ class Proxy:
                 raise
             if expired == "write":
                 # The client stopped reading: cut it off, as nginx's send_timeout does.
-                exchange.outcome = "client_timeout"
+                exchange.end("client_timeout")
                 log.info("client of %s stopped reading; cut", exchange.request_id)
                 if meter is not None and upstream_response is not None:
                     self._client_gone(exchange, meter, upstream_response, decoder)
                 _close(request)
                 return cast(web.StreamResponse, response)
-            exchange.outcome = "timeout"
-            exchange.error_reason = f"{expired}_timeout"
+            exchange.end("timeout", f"{expired}_timeout")
             log.warning("upstream %s timed out (%s)", upstream.name, expired)
             if response is None or not response.prepared:
                 timed_out = errors.upstream_timeout(upstream.name, expired, watchdog.seconds())
@@ -802,7 +771,7 @@ class Proxy:
             if exchange.first_byte_at is None:
                 exchange.first_byte_at = now()
         except (ConnectionError, aiohttp.ClientConnectionResetError):
-            exchange.outcome = "client_disconnect"
+            exchange.end("client_disconnect")
             self._client_gone(exchange, meter, upstream_response, decoder)
 
     async def _broken(
@@ -816,8 +785,7 @@ class Proxy:
     ) -> None:
         """The upstream broke mid-body. Deliver every byte it did send, then end the response
         as broken: never invent an end the upstream did not send."""
-        exchange.outcome = "upstream_error"
-        exchange.error_reason = "broken_body"
+        exchange.end("upstream_error", "broken_body")
         log.warning("upstream %s failed mid-body: %s", exchange.upstream, _describe(error))
         rest = meter.close()
         if rest:
@@ -949,7 +917,7 @@ class Proxy:
     ) -> web.StreamResponse:
         exchange.status = error.status
         if exchange.outcome == "ok":
-            exchange.outcome = "rejected"
+            exchange.end("rejected")
             exchange.rejected_reason = error.code
         response = web.Response(
             status=error.status, body=error.body(family), content_type="application/json"
