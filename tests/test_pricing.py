@@ -13,6 +13,7 @@ from tallygate.core.pricing import (
     EgressTier,
     PriceTable,
     TokenPrice,
+    parse_token_price,
 )
 
 GIB = 2**30
@@ -152,16 +153,15 @@ def test_unknown_models_cost_nothing_and_are_counted() -> None:
         ("gemini-2.5-pro", "gemini-2.5-pro", (1.25, 0.125, 10.0)),
         ("gemini-2.5-flash", "gemini-2.5-flash", (0.30, 0.03, 2.50)),
         ("gemini-2.5-flash-lite", "gemini-2.5-flash-lite", (0.10, 0.01, 0.40)),
-        ("deepseek-chat", "deepseek-chat", (0.28, 0.028, 0.42)),
-        ("deepseek-reasoner", "deepseek-reasoner", (0.28, 0.028, 0.42)),
-        ("mistral-medium-2508", "mistral-medium-2508", (0.40, None, 2.0)),
-        ("mistral-medium-3-5", "mistral-medium-3-5", (1.50, None, 7.50)),
+        ("deepseek-flash", "deepseek-flash", (0.30, 0.006, 1.20)),  # peak prices
+        ("deepseek-v4-flash", "deepseek-v4-flash", (0.30, 0.006, 1.20)),
+        ("deepseek-v4-pro", "deepseek-v4-pro", (1.32, 0.044, 3.96)),
+        ("mistral-medium-2508", "mistral-medium-2508", (0.40, 0.04, 2.0)),
+        ("mistral-medium-3-5", "mistral-medium-3-5", (1.50, 0.15, 7.50)),
+        ("mistral-large-2512", "mistral-large-2512", (0.50, 0.05, 1.50)),
+        ("ministral-8b-2512", "ministral-8b-2512", (0.15, 0.015, 0.15)),
         ("llama-3.3-70b-versatile", "llama-3.3-70b-versatile", (0.59, None, 0.79)),
-        (
-            "meta-llama/Llama-3.3-70B-Instruct-Turbo",
-            "llama-3.3-70b-instruct-turbo",
-            (0.88, None, 0.88),
-        ),
+        ("qwen/qwen3.8-27b", "qwen3.8-27b", (0.80, 0.40, 4.00)),
         # Models released after the first table (2025-11-30).
         ("gpt-6.1-terra", "gpt-6.1-terra", (1.0, 0.05, 5.0)),
         ("gpt-6.1-sol", "gpt-6.1-sol", (2.0, 0.10, 10.0)),
@@ -221,6 +221,10 @@ def test_current_models_are_priced(
         "mistral-medium-latest",  # an alias that moved to a model at another price
         "mistral-small-latest",
         "codestral-latest",
+        "deepseek-chat",  # retired on 2026-07-24
+        "openai/gpt-oss-120b",  # one name, a price per host
+        "meta-llama/Llama-3.3-70B-Instruct-Turbo",  # Together: no 2026 price confirmed
+        "ministral-8b-2410",  # retired: not priced as its successor
     ],
 )
 def test_a_newer_model_is_not_priced_as_an_older_one(reported: str) -> None:
@@ -261,8 +265,10 @@ def test_each_family_is_dated_by_its_own_sources() -> None:
     assert sources["anthropic"]["date"] == "2026-10-24"
     assert sources["openai"]["date"] == "2026-10-27"
     assert sources["google"]["date"] == "2026-10-07"
-    assert sources["deepseek"]["date"] == "2025-11-30"
-    assert default_price_table().date == "2025-11-30"
+    assert sources["deepseek"]["date"] == "2026-10-27"
+    assert sources["mistral"]["date"] == "2026-10-20"
+    assert sources["groq"]["date"] == "2026-09-10"
+    assert default_price_table().date == "2026-09-10"
 
 
 def test_every_family_of_the_shipped_table_has_a_date_and_a_source() -> None:
@@ -274,7 +280,7 @@ def test_every_family_of_the_shipped_table_has_a_date_and_a_source() -> None:
     text = resources.files("tallygate").joinpath("data/prices.yaml").read_text(encoding="utf-8")
     document = yaml.safe_load(text)
     sources = document["sources"]
-    expected = {"openai", "anthropic", "google", "deepseek", "mistral", "groq", "together"}
+    expected = {"openai", "anthropic", "google", "deepseek", "mistral", "groq"}
     assert set(sources) == expected
     for family, source in sources.items():
         assert source["url"].startswith("https://"), family
@@ -311,3 +317,74 @@ def test_an_unpriced_model_is_reported_once() -> None:
     # A reload's new Costing keeps what this process has reported.
     again = Costing(default_price_table(), EgressPrice(0.0), [], costing.unpriced)
     assert not again.cost("mystery-model-7b", Usage(input=1), {}, "2026-11").first_unpriced
+
+
+PEAK = {"utc_offset": "+08:00", "days": ["mon", "tue", "wed", "thu", "fri"],
+        "hours": ["09:00-12:00", "14:00-18:00"]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("moment", "peak"),
+    [
+        ("2026-11-25T01:00:00+00:00", True),  # Wednesday 09:00 in Beijing
+        ("2026-11-25T03:59:59+00:00", True),  # 11:59:59
+        ("2026-11-25T04:00:00+00:00", False),  # 12:00: the lunch hours are off-peak
+        ("2026-11-25T06:30:00+00:00", True),  # 14:30
+        ("2026-11-25T10:00:00+00:00", False),  # 18:00
+        ("2026-11-24T20:00:00+00:00", False),  # Wednesday 04:00 in Beijing, Tuesday in UTC
+        ("2026-11-28T02:00:00+00:00", False),  # Saturday 10:00 in Beijing
+        ("2026-11-30T01:30:00+00:00", True),  # Monday 09:30 in Beijing, still Monday in UTC
+        ("2026-11-29T20:00:00+00:00", False),  # Monday 04:00 in Beijing, Sunday in UTC
+    ],
+)
+def test_time_of_day_prices_follow_the_providers_clock(moment: str, peak: bool) -> None:
+    from datetime import datetime
+
+    price = parse_token_price(
+        {"input": 0.30, "cached_input": 0.006, "output": 1.20, "peak": PEAK,
+         "off_peak": {"input": 0.15, "cached_input": 0.003, "output": 0.60}},
+        "models.deepseek-flash",
+    )  # fmt: skip
+    costing = Costing(PriceTable({"deepseek-flash": price}), EgressPrice(0.0), [])
+    usage = Usage(input=1_000_000, output=1_000_000, cached_input=500_000)
+    cost = costing.cost("deepseek-flash", usage, {}, "2026-11", datetime.fromisoformat(moment))
+    expected = (0.30 * 0.5 + 0.006 * 0.5 + 1.20) * (1 if peak else 0.5)
+    assert cost.usd["total"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ({"peak": PEAK}, "models.m.off_peak: required with peak"),
+        ({"off_peak": {"input": 1, "output": 1}}, "models.m.peak: required with off_peak"),
+        (
+            {"peak": {**PEAK, "utc_offset": "UTC+8"}, "off_peak": {"input": 1, "output": 1}},
+            "models.m.peak.utc_offset: expected +HH:MM",
+        ),
+        (
+            {"peak": {**PEAK, "days": ["monday"]}, "off_peak": {"input": 1, "output": 1}},
+            "models.m.peak.days: expected a list of mon",
+        ),
+        (
+            {"peak": {**PEAK, "hours": ["18:00-09:00"]}, "off_peak": {"input": 1, "output": 1}},
+            "models.m.peak.hours[0]: expected HH:MM-HH:MM, start before end",
+        ),
+        ({"peak": PEAK, "off_peak": {"input": 1}}, "models.m.off_peak.output: required"),
+    ],
+)
+def test_time_of_day_prices_are_checked_key_by_key(raw: dict[str, object], problem: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        parse_token_price({"input": 2, "output": 2, **raw}, "models.m")
+    assert str(raised.value).startswith(problem)
+
+
+def test_the_shipped_deepseek_prices_halve_off_peak() -> None:
+    from datetime import datetime
+
+    found = default_price_table().lookup("deepseek-flash")
+    assert found is not None
+    weekday_morning = datetime.fromisoformat("2026-11-25T09:30:00+08:00")
+    saturday_morning = datetime.fromisoformat("2026-11-28T09:30:00+08:00")
+    assert found[1].at(weekday_morning).input == pytest.approx(0.30)
+    assert found[1].at(saturday_morning).input == pytest.approx(0.15)
+    assert found[1].at(saturday_morning).cached_input == pytest.approx(0.003)

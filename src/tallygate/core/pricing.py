@@ -12,7 +12,7 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 
 from tallygate.core.dialects import Usage
 
@@ -29,12 +29,51 @@ _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 _SNAPSHOT_SUFFIX = re.compile(r"-(\d{4}|0)")
 
 
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})")
+_SPAN = re.compile(r"(\d{2}):(\d{2})-(\d{2}):(\d{2})")
+
+
+@dataclass(frozen=True, slots=True)
+class PeakHours:
+    """When a provider's peak prices apply: on `days`, within `hours` (`HH:MM-HH:MM`, end not
+    included), in local time at `utc_offset` (`+08:00`; a fixed offset, for a provider that
+    keeps no daylight saving time). Held as written, so the effective configuration shows it."""
+
+    utc_offset: str
+    days: tuple[str, ...]
+    hours: tuple[str, ...]
+
+    def covers(self, moment: datetime) -> bool:
+        sign, hh, mm = _OFFSET.fullmatch(self.utc_offset).groups()  # type: ignore[union-attr]
+        offset = (int(hh) * 60 + int(mm)) * (-1 if sign == "-" else 1)
+        local = moment.astimezone(timezone(timedelta(minutes=offset)))
+        if WEEKDAYS[local.weekday()] not in self.days:
+            return False
+        minute = local.hour * 60 + local.minute
+        for span in self.hours:
+            h1, m1, h2, m2 = (int(x) for x in _SPAN.fullmatch(span).groups())  # type: ignore[union-attr]
+            if h1 * 60 + m1 <= minute < h2 * 60 + m2:
+                return True
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class TokenPrice:
     input: float
     output: float
     cached_input: float | None = None
     cache_write_input: float | None = None
+    # A provider that prices by time of day: these prices are the peak ones, `off_peak` applies
+    # outside `peak`, judged at the moment the request arrived.
+    off_peak: TokenPrice | None = None
+    peak: PeakHours | None = None
+
+    def at(self, moment: datetime | None) -> TokenPrice:
+        """The prices in force at `moment` (the peak ones when it is not known)."""
+        if self.off_peak is None or self.peak is None or moment is None:
+            return self
+        return self if self.peak.covers(moment) else self.off_peak
 
     def cost(self, usage: Usage) -> dict[str, float]:
         """USD by kind. `usage.input` includes cached and cache-written tokens (normalized)."""
@@ -111,11 +150,10 @@ def _only_version_follows(name: str, key: str) -> bool:
 def parse_token_price(raw: object, path: str) -> TokenPrice:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping with input and output prices")
-    unknown = set(raw) - set(TOKEN_KINDS)
+    known = (*TOKEN_KINDS, "off_peak", "peak")
+    unknown = set(raw) - set(known)
     if unknown:
-        raise ValueError(
-            f"{path}.{sorted(unknown)[0]}: unknown key (known: {', '.join(TOKEN_KINDS)})"
-        )
+        raise ValueError(f"{path}.{sorted(unknown)[0]}: unknown key (known: {', '.join(known)})")
     values: dict[str, float | None] = {}
     for kind in TOKEN_KINDS:
         value = raw.get(kind)
@@ -127,12 +165,36 @@ def parse_token_price(raw: object, path: str) -> TokenPrice:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"{path}.{kind}: expected USD per 1M tokens (a number >= 0)")
         values[kind] = float(value)
+    off_peak, peak = raw.get("off_peak"), raw.get("peak")
+    if (off_peak is None) != (peak is None):
+        given, missing = ("off_peak", "peak") if peak is None else ("peak", "off_peak")
+        raise ValueError(f"{path}.{missing}: required with {given}")
     return TokenPrice(
         input=values["input"] or 0.0,
         output=values["output"] or 0.0,
         cached_input=values["cached_input"],
         cache_write_input=values["cache_write_input"],
+        off_peak=parse_token_price(off_peak, f"{path}.off_peak") if off_peak is not None else None,
+        peak=_parse_peak(peak, f"{path}.peak") if peak is not None else None,
     )
+
+
+def _parse_peak(raw: object, path: str) -> PeakHours:
+    if not isinstance(raw, dict) or set(raw) != {"utc_offset", "days", "hours"}:
+        raise ValueError(f"{path}: expected utc_offset, days and hours")
+    offset = raw["utc_offset"]
+    if not isinstance(offset, str) or not _OFFSET.fullmatch(offset):
+        raise ValueError(f"{path}.utc_offset: expected +HH:MM or -HH:MM, got {offset!r}")
+    days = raw["days"]
+    if not isinstance(days, list) or not days or any(d not in WEEKDAYS for d in days):
+        raise ValueError(f"{path}.days: expected a list of {', '.join(WEEKDAYS)}")
+    hours = raw["hours"]
+    for i, span in enumerate(hours if isinstance(hours, list) and hours else [None]):
+        match = _SPAN.fullmatch(span) if isinstance(span, str) else None
+        if match is None or not (0 <= int(match[1]) * 60 + int(match[2])
+                                 < int(match[3]) * 60 + int(match[4]) <= 24 * 60):  # fmt: skip
+            raise ValueError(f"{path}.hours[{i}]: expected HH:MM-HH:MM, start before end")
+    return PeakHours(offset, tuple(days), tuple(hours))
 
 
 def price_table_age_warning(table_date: str, today: date, max_age_days: int = 90) -> str | None:
@@ -256,14 +318,23 @@ class Costing:
         # A reload passes the running one on, so a model is reported once per process.
         self.unpriced = UnpricedModels() if unpriced is None else unpriced
 
-    def cost(self, model: str | None, usage: Usage, wire: Mapping[str, int], month: str) -> Cost:
+    def cost(
+        self,
+        model: str | None,
+        usage: Usage,
+        wire: Mapping[str, int],
+        month: str,
+        at: datetime | None = None,
+    ) -> Cost:
+        """What a request cost: its tokens at the prices in force `at` (when it arrived), its
+        traffic at the egress tier `month` has reached."""
         found = self.table.lookup(model)
         usd = dict.fromkeys(COST_KINDS, 0.0)
         unpriced = 0
         if found is None:
             unpriced = usage.input + usage.output
         else:
-            usd.update(found[1].cost(usage))
+            usd.update(found[1].at(at).cost(usage))
         usd["egress"] = self.egress.charge(month, sum(wire[d] for d in self.directions))
         usd["total"] = sum(usd[kind] for kind in COST_KINDS)
         first = unpriced > 0 and self.unpriced.first(model)

@@ -98,49 +98,51 @@ class Exchange:
         request, response, cost = self.request, self.response, self.cost
         usage, source = self.tokens()
         ended = self.ended if self.ended is not None else self.started
+        # Positional, in UsageRecord's field order: a request builds one, and keywords cost
+        # twice as much (tests/test_headers.py checks each field lands in its place).
         return UsageRecord(
-            ts=self.ts,
-            request_id=self.request_id,
-            client_request_id=self.client_request_id,
-            upstream_request_id=self.upstream_request_id,
-            client_address=self.client_address,
-            user_agent=self.user_agent,
-            route=self.route,
-            upstream=self.upstream,
-            dialect=self.dialect,
-            method=self.method,
-            path=self.path,
-            status=self.status,
-            outcome=self.outcome,
-            stream=self.stream,
-            model=self.model(),
-            tenant=self.tenant,
-            tokens=usage,
-            tokens_source=source,
-            estimated=Estimated(
+            self.ts,
+            self.request_id,  # request_id
+            self.client_request_id,
+            self.upstream_request_id,  # upstream_request_id
+            self.client_address,
+            self.user_agent,  # user_agent
+            self.route,
+            self.upstream,  # upstream
+            self.dialect,
+            self.method,  # method
+            self.path,
+            self.status,  # status
+            self.outcome,
+            self.stream,  # stream
+            self.model(),
+            self.tenant,
+            usage,  # tokens
+            source,  # tokens_source
+            Estimated(
                 request.estimated_input if request else None,
                 response.estimated_output if response else None,
                 bool(request and request.estimate_exact),
             ),
-            delivered_output_tokens=self.delivered_output_tokens,
-            usage_requested=bool(request and request.usage_requested),
-            finish_reason=response.finish_reason if response else None,
-            rejected_reason=self.rejected_reason,
-            upstream_errors=tuple(response.upstream_errors) if response else (),
-            metering_errors=dict(self.metering_errors),
-            bytes=Traffic(self.client_in, self.client_out, self.upstream_out, self.upstream_in),
-            client_out_uncompressed=self.client_out_uncompressed,
-            compression_saved_bytes=self.compression_saved(),
-            encoding=self.encoding,
-            cost_usd=dict(cost.usd) if cost else NO_COST,
-            priced_as=cost.model_key if cost else None,
-            unpriced_tokens=cost.unpriced_tokens if cost else 0,
-            timings=Timings(
+            self.delivered_output_tokens,
+            bool(request and request.usage_requested),  # usage_requested
+            response.finish_reason if response else None,  # finish_reason
+            self.rejected_reason,
+            tuple(response.upstream_errors) if response else (),  # upstream_errors
+            self.metering_errors,
+            Traffic(self.client_in, self.client_out, self.upstream_out, self.upstream_in),  # bytes
+            self.client_out_uncompressed,
+            self.compression_saved(),  # compression_saved_bytes
+            self.encoding,
+            cost.usd if cost else NO_COST,  # cost_usd
+            cost.model_key if cost else None,  # priced_as
+            cost.unpriced_tokens if cost else 0,  # unpriced_tokens
+            Timings(
                 since(self.started, self.first_byte_at),
                 since(self.started, self.first_token_at),
                 round(ended - self.started, 6),
             ),
-            error_reason=self.error_reason,
+            self.error_reason,
         )
 
     def compression_saved(self) -> int:

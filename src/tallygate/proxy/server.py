@@ -46,8 +46,8 @@ _CLIENT_KEEPALIVE = 75.0
 
 
 # The accept queue: as long as the kernel allows (net.core.somaxconn), so that a burst of new
-# connections waits to be accepted instead of being dropped (nginx sets 511; we found 1024 lost
-# streams in a burst of 5,000 on this machine).
+# connections waits to be accepted instead of being dropped (nginx sets 511; a backlog of 1024
+# drops streams in a burst of 5,000: docs/performance.md).
 _BACKLOG = socket.SOMAXCONN
 
 
@@ -139,8 +139,8 @@ class _UpstreamProtocol(ResponseHandler):
         # aiohttp 3.14's StreamReader calls this after every HTTP chunk it hands out, paused or
         # not (earlier versions checked first), and each call runs the parser on empty input
         # and resumes a transport that is running: for an LLM stream, an HTTP chunk per event,
-        # that was 16% of a plain relay's instructions (bench/instructions.py: 1,891k -> 1,589k
-        # a request). Not paused, there is nothing to resume: the parser keeps unparsed bytes
+        # that costs about a sixth of a plain relay's instructions (docs/performance.md). Not
+        # paused, there is nothing to resume: the parser keeps unparsed bytes
         # only when pause_reading() (which sets _reading_paused) stopped it, and a transport
         # held for a buffer (_buffer_paused) is not released here anyway. Flow control is
         # tested with a slow reader in tests/test_hostile_clients.py.
