@@ -12,7 +12,7 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 from tallygate.core.dialects import Usage
 
@@ -69,10 +69,13 @@ class TokenPrice:
     off_peak: TokenPrice | None = None
     peak: PeakHours | None = None
 
-    def at(self, moment: datetime | None) -> TokenPrice:
-        """The prices in force at `moment` (the peak ones when it is not known)."""
+    def at(self, moment: datetime | float | None) -> TokenPrice:
+        """The prices in force at `moment` (a datetime, or Unix time; the peak prices when it
+        is not known)."""
         if self.off_peak is None or self.peak is None or moment is None:
             return self
+        if not isinstance(moment, datetime):
+            moment = datetime.fromtimestamp(moment, UTC)
         return self if self.peak.covers(moment) else self.off_peak
 
     def cost(self, usage: Usage) -> dict[str, float]:
@@ -324,7 +327,7 @@ class Costing:
         usage: Usage,
         wire: Mapping[str, int],
         month: str,
-        at: datetime | None = None,
+        at: datetime | float | None = None,
     ) -> Cost:
         """What a request cost: its tokens at the prices in force `at` (when it arrived), its
         traffic at the egress tier `month` has reached."""

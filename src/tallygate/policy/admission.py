@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 from tallygate.config.schema import Config, Route
 from tallygate.core import errors
@@ -24,8 +24,7 @@ from tallygate.policy.routing import Router, canonical_path, path_problem
 from tallygate.policy.tenants import Identity, Tenants
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
+class Admitted(NamedTuple):
     route: Route
     target: str  # the path in its one spelling, and the query as sent
     spoken: Dialect  # the API the route speaks (its dialect, or the one its path names)
@@ -76,8 +75,9 @@ class Admission:
         """`path` is the target's path as the HTTP layer decoded it (for the error shape until a
         route is found, and for the CORS policy); `raw_target` is the target as sent."""
         config, limits = self.config, self.config.limits
-        # Until a route says otherwise, errors take the shape of the API the path names.
-        decision = Decision(PREFLIGHT, family_for(detect_dialect(path), path), None)
+        # Until a route says otherwise, errors take the shape of the API the path names (worked
+        # out when needed: most requests are admitted, in their route's shape).
+        decision = Decision(PREFLIGHT, "openai", None)
         origin = headers.get("Origin")
         if origin is not None:  # a browser's cross-origin request: every answer says CORS
             cors = config.cors_for(self.router.match(path))
@@ -96,22 +96,27 @@ class Admission:
             refusal = errors.not_a_proxy("a request target not starting with /")
         if refusal is not None:
             decision.verdict = Refused(refusal, close)
+            decision.family = family_for(detect_dialect(path), path)
             return decision
         route_path, mark, query = raw_target.partition("?")
         route_path = canonical_path(route_path)
         problem = path_problem(route_path) or ("fragment" if "#" in query else None)
         if problem is not None:
             decision.verdict = Refused(errors.path_refused(problem))
+            decision.family = family_for(detect_dialect(path), path)
             return decision
         if decision.cors is not None and is_preflight(method, headers):
+            decision.family = family_for(detect_dialect(path), path)
             return decision  # PREFLIGHT
 
         route = self.router.match(route_path)
         spoken: Dialect = "none"
-        if route is not None:  # from here on, errors take the shape of the route's API
+        if route is not None:  # errors take the shape of the route's API
             auto = route.dialect == "auto"
             spoken = detect_dialect(route_path) if auto else cast(Dialect, route.dialect)
             decision.family = family_for(spoken, route_path)
+        else:
+            decision.family = family_for(detect_dialect(path), path)
         trusted = is_trusted(peer, config.trusted_proxies)
         identity = self.tenants.identify(headers, trusted)
         if identity is None:

@@ -18,7 +18,6 @@ import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import aiohttp
@@ -353,13 +352,12 @@ class Proxy:
         try:
             usage, _ = exchange.tokens()
             model = exchange.model()
-            arrived = datetime.fromtimestamp(exchange.ts, UTC)
-            month = arrived.strftime("%Y-%m")
+            month = time.strftime("%Y-%m", time.gmtime(exchange.ts))
             wire = {
                 "client_in": exchange.client_in, "client_out": exchange.client_out,
                 "upstream_out": exchange.upstream_out, "upstream_in": exchange.upstream_in,
             }  # fmt: skip
-            exchange.cost = self.costing.cost(model, usage, wire, month, arrived)
+            exchange.cost = self.costing.cost(model, usage, wire, month, exchange.ts)
             if exchange.cost.first_unpriced:
                 log.warning(UNPRICED_WARNING, model)
         except Exception:  # pricing must never cost the record: it is written unpriced
