@@ -233,8 +233,18 @@ def since(start: float, moment: float | None) -> float | None:
 
 
 def _iso(ts: float) -> str:
-    seconds = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{seconds}.{int(ts % 1 * 1000):03d}Z"
+    """`2026-11-25T09:47:20.821Z`. The seconds are formatted once per second (it costs more
+    than the rest of the record), the milliseconds every time."""
+    second = int(ts)
+    if second != _last_second[0]:
+        _last_second[:] = [
+            second,
+            datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        ]
+    return f"{_last_second[1]}.{int(ts % 1 * 1000):03d}Z"
+
+
+_last_second: list[Any] = [None, ""]
 
 
 USER_AGENT_CHARS = 256  # a User-Agent is recorded up to this; longer ones are cut

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from dataclasses import fields
 from itertools import accumulate
 from typing import Any
 
@@ -19,11 +20,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from tallygate import __version__
+from tallygate.core.dialects import Usage
 from tallygate.core.pricing import COST_KINDS
 from tallygate.core.record import DIRECTIONS, UsageRecord
 from tallygate.policy.tenants import ANONYMOUS, OTHER
 
-TOKEN_TYPES = ("input", "output", "cached_input", "cache_write_input", "reasoning")
+TOKEN_TYPES = tuple(f.name for f in fields(Usage))  # the token buckets of a record
 # The codes of tallygate's own refusals (errors.py), exported at 0 from the start.
 REJECT_REASONS = (
     "invalid_api_key", "route_not_found", "request_too_large", "not_an_open_proxy",
