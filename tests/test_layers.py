@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "src" / "tallygate"
-PACKAGES = ("config", "core", "dev", "observe", "policy", "proxy", "runtime")
+PACKAGES = ("config", "core", "dev", "ledger", "observe", "policy", "proxy", "runtime")
 PURE = ("core", "policy")
 # What a pure module must not import (at run time: type-checking imports are not imports).
 IMPURE_LIBRARIES = {
