@@ -43,7 +43,7 @@ def start(scratch: Path, upstream: int, estimate: bool) -> tuple[Target, Path]:
         "listen": f"127.0.0.1:{port}", "admin": {"listen": f"127.0.0.1:{free_port()}"},
         "upstreams": {"openai": {"url": f"http://127.0.0.1:{upstream}"}},
         "routes": [{"path_prefix": "/", "upstream": "openai"}],
-        "metering": {"estimate": estimate}, "access_log": str(log), "shutdown_grace": "2s",
+        "metering": {"estimate": estimate}, "access_log": str(log), "shutdown_grace": "2s", "ledger": "off",
     }  # fmt: skip
     path = scratch / f"tallygate-{port}.yaml"
     path.write_text(json.dumps(config))

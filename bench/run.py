@@ -179,7 +179,7 @@ def tallygate_config(scratch: Path, port: int, upstream: int, metering: bool, gz
         "compression": {"gzip": gzip},
         "metering": {"enabled": metering},
         "access_log": str(scratch / f"access-{port}.jsonl") if metering else "off",
-        "workers": workers, "shutdown_grace": "2s",
+        "workers": workers, "shutdown_grace": "2s", "ledger": "off",
     }  # fmt: skip
     path = scratch / f"tallygate-{port}.yaml"
     path.write_text(json.dumps(config))

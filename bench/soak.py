@@ -215,7 +215,7 @@ async def main_async(args: argparse.Namespace, scratch: Path) -> int:
         "upstreams": {"soak": {"url": f"http://127.0.0.1:{upstream_port}",
                                "timeouts": {"idle": "1s"}}},
         "routes": [{"path_prefix": "/", "upstream": "soak"}],
-        "access_log": str(access_log), "shutdown_grace": "10s",
+        "access_log": str(access_log), "shutdown_grace": "10s", "ledger": "off",
     }  # fmt: skip
     (scratch / "tallygate.yaml").write_text(json.dumps(config))
     proc = spawn([sys.executable, "-m", "tallygate", "serve", "-c", str(scratch / "tallygate.yaml")],

@@ -186,6 +186,7 @@ def config_for(upstream_url: str, **overrides: Any) -> Config:
         "routes": [{"path_prefix": "/", "upstream": "main"}],
         "shutdown_grace": "5s",
         "access_log": "off",  # tests read records through `on_record`
+        "ledger": "off",  # the ledger's own tests turn it on
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(doc.get(key), dict):
@@ -258,7 +259,7 @@ async def start_serve(
     """`tallygate serve` as a process of its own: it, its proxy and admin ports, and its start-up
     line, once it listens (and, with workers, once each worker serves)."""
     path = tmp_path / "tallygate.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump({"ledger": "off", **config}))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tallygate", "serve", "--config", str(path),
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -238,7 +238,9 @@ def test_forwarded_hops_with_a_port_name_the_client() -> None:
 
 def shape(node: object) -> object:
     if isinstance(node, dict):
-        return {k: shape(v) for k, v in node.items() if k != "metering_errors"}
+        return {
+            k: shape(v) for k, v in node.items() if k not in ("metering_errors", "tags")
+        }  # free-form keys
     return None
 
 
@@ -257,7 +259,7 @@ async def test_a_real_record_has_exactly_the_documented_example_fields(
     log = tmp_path / "usage.jsonl"
     running = await make_proxy(access_log=str(log))
     url = f"http://127.0.0.1:{running.proxy_port}{case.path}"
-    agent = {"User-Agent": "t/1"}
+    agent = {"User-Agent": "t/1", "X-User-Id": "u-4821", "X-Tallygate-Tags": "feature=summary"}
     async with (
         aiohttp.ClientSession() as session,
         session.post(url, data=case.request, headers=agent) as r,
@@ -270,6 +272,7 @@ async def test_a_real_record_has_exactly_the_documented_example_fields(
     example = json.loads(re.search(r"```json\n(.*?)```", doc, re.S)[1])  # type: ignore[index]
     assert shape(record) == shape(example)
     assert (record["client_address"], record["user_agent"]) == ("127.0.0.1", "t/1")
+    assert (record["user"], record["tags"]) == ("u-4821", {"feature": "summary"})
 
 
 async def test_a_request_tallygate_could_not_read_names_its_peer(

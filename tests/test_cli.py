@@ -220,7 +220,7 @@ async def test_a_second_multi_worker_tallygate_on_the_same_port_is_refused(tmp_p
     config = {
         "listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}, "workers": 2,
         "upstreams": {"a": {"url": "http://127.0.0.1:1"}},
-        "routes": [{"path_prefix": "/", "upstream": "a"}],
+        "routes": [{"path_prefix": "/", "upstream": "a"}], "ledger": "off",
     }  # fmt: skip
     first, port, _, _ = await start_serve(tmp_path, config, workers=2)
     try:

@@ -24,7 +24,7 @@ def config(upstream: str, **extra: Any) -> dict[str, Any]:
         "listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"},
         "upstreams": {"main": {"url": upstream}},
         "routes": [{"path_prefix": "/", "upstream": "main"}],
-        "shutdown_grace": "5s", **extra,
+        "shutdown_grace": "5s", "ledger": "off", **extra,
     }  # fmt: skip
 
 

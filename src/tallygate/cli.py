@@ -51,7 +51,61 @@ def _serve(args: argparse.Namespace) -> int:
     except TokenizerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if config.ledger.url is not None:  # it opens (and its schema is brought up to date) now
+        from tallygate.ledger.store import LedgerError, open_store
+
+        try:
+            open_store(config.ledger.url).close()
+        except LedgerError as error:
+            print(f"error: {error} (set ledger.url, or ledger: off)", file=sys.stderr)
+            return 1
     run(config, tokenizers, args.config)
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from tallygate.ledger.report import GROUPS, period_bounds, render, totals
+    from tallygate.ledger.store import LedgerError, open_store
+
+    url = args.ledger
+    if url is None:
+        config = _load(args.config)
+        if config is None:
+            return 1
+        url = config.ledger.url
+        if url is None:
+            print("error: the configuration has ledger: off", file=sys.stderr)
+            return 1
+    by = [group.strip() for group in args.by.split(",") if group.strip()] if args.by else []
+    unknown = [group for group in by if group not in GROUPS]
+    if unknown:
+        print(f"error: --by {unknown[0]}: one of {', '.join(GROUPS)}", file=sys.stderr)
+        return 1
+    try:
+        tz = ZoneInfo(args.tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        print(f"error: --tz {args.tz}: not a time zone (e.g. UTC, Europe/Paris)", file=sys.stderr)
+        return 1
+    try:
+        start, end = period_bounds(args.since, args.until, tz, datetime.now(UTC))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        store = open_store(url)
+    except LedgerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        since_ms = int(start.timestamp() * 1000) if start else None
+        until_ms = int(end.timestamp() * 1000) if end else None
+        entries = totals(store.rows(since_ms, until_ms), by, tz)
+    finally:
+        store.close()
+    sys.stdout.write(render(entries, by, args.format))
     return 0
 
 
@@ -248,6 +302,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoding", action="append", help="an encoding to fetch (default: all tallygate uses)"
     )
     fetch.set_defaults(func=_fetch)
+
+    usage = commands.add_parser(
+        "usage", help="who spent what: totals from the ledger, grouped", parents=[common],
+        description="Totals of requests, tokens by bucket, bytes and cost (USD) from the "
+        "ledger, for a period, grouped any way. Reads the ledger directly: tallygate may be "
+        "running or not.",
+    )  # fmt: skip
+    _add_config_option(usage)
+    usage.add_argument("--ledger", help="the ledger's URL (default: the configuration's)")
+    usage.add_argument(
+        "--since", help="a date (YYYY-MM-DD) or today, yesterday, this-week, this-month, "
+        "last-month (default: the beginning)",
+    )  # fmt: skip
+    usage.add_argument("--until", help="a date or a period, not included (default: now)")
+    usage.add_argument(
+        "--by", default="", help="comma-separated: tenant, user, session, model, upstream, key, "
+        "tag, day, week, month (default: one total)",
+    )  # fmt: skip
+    usage.add_argument(
+        "--tz", default="UTC", help="the time zone of dates and days (default: %(default)s)"
+    )
+    usage.add_argument(
+        "--format", default="table", choices=["table", "csv", "json", "ndjson"],
+        help="(default: %(default)s)",
+    )  # fmt: skip
+    usage.set_defaults(func=_usage)
 
     hashing = commands.add_parser(
         "hash-key", help="print the SHA-256 of a client key, for tenants.<name>.keys",

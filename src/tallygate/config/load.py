@@ -36,6 +36,7 @@ from tallygate.config.schema import (
     Egress,
     GiB,
     KiB,
+    Ledger,
     Limits,
     Listen,
     Metering,
@@ -52,6 +53,7 @@ from tallygate.config.schema import (
 )
 from tallygate.core.pricing import EgressTier, TokenPrice, parse_token_price
 from tallygate.core.record import DIRECTIONS
+from tallygate.policy.attribution import Attribution, source_problem
 from tallygate.policy.cors import CorsPolicy
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +459,7 @@ def _read_cors(r: _Reader, raw: object, path: str) -> CorsPolicy | None:
 TOP_KEYS = [
     "listen", "admin", "upstreams", "routes", "compression", "limits", "pool", "trusted_proxies",
     "shutdown_grace", "metering", "access_log", "metrics", "pricing", "tenants", "tenant_header",
-    "auth", "workers", "cors",
+    "auth", "workers", "cors", "ledger", "attribution",
 ]  # fmt: skip
 
 
@@ -587,6 +589,62 @@ def _read_metering(r: _Reader, raw: object) -> Metering:
     )
 
 
+def _read_ledger(r: _Reader, raw: object) -> Ledger:
+    """`ledger: off`, `ledger: URL`, or a mapping with `url`."""
+    if raw is False or raw == "off":
+        return Ledger(url=None)
+    if raw is None:
+        return Ledger()
+    if isinstance(raw, str):
+        raw = {"url": raw}
+    m = r.mapping(raw, "ledger", [f.name for f in fields(Ledger)])
+    d = Ledger()
+    url = r.value(m, "url", "ledger", _ledger_url, d.url)
+    return Ledger(
+        url=url,
+        spool=r.value(m, "spool", "ledger", _string, "") or None,
+        commit_interval=r.value(m, "commit_interval", "ledger", parse_duration, d.commit_interval),
+        batch_rows=r.value(m, "batch_rows", "ledger", _int_in(1, 1_000_000), d.batch_rows),
+    )
+
+
+def _ledger_url(value: object) -> str | None:
+    if value is False or value == "off":
+        return None
+    text = _string(value)
+    if not (text.startswith("sqlite:///") or text.startswith(("postgresql://", "postgres://"))):
+        raise ValueError("expected off, sqlite:///PATH or postgresql://USER@HOST/DB")
+    return text
+
+
+def _sources(value: object) -> tuple[str, ...]:
+    items = _strings(value)
+    for item in items:
+        problem = source_problem(item)
+        if problem is None and item.startswith("body:"):
+            field = item[5:]
+            if field not in ("user", "safety_identifier") and not field.startswith("metadata."):
+                problem = "a body source is user, safety_identifier or metadata.KEY"
+        if problem is not None:
+            raise ValueError(f"{item!r}: {problem}")
+    return items
+
+
+def _read_attribution(r: _Reader, raw: object) -> Attribution:
+    path = "attribution"
+    m = r.mapping(raw, path, [f.name for f in fields(Attribution)])
+    d = Attribution()
+    return Attribution(
+        user=r.value(m, "user", path, _sources, tuple(d.user)),
+        session=r.value(m, "session", path, _sources, tuple(d.session)),
+        tags_header=r.value(m, "tags_header", path, _string, d.tags_header or "") or None,
+        headers_from=r.value(
+            m, "headers_from", path, _choice(("any", "trusted_proxies")), d.headers_from
+        ),
+        hash_users=r.value(m, "hash_users", path, _bool, d.hash_users),
+    )
+
+
 def load_config_text(
     text: str, env: Mapping[str, str] | None = None, source: str = "config"
 ) -> Config:
@@ -663,6 +721,8 @@ def load_config_text(
         require_key=r.value(auth_raw, "require_key", "auth", _bool, False),
         workers=r.value(top, "workers", "", _workers, 1),
         cors=_read_cors(r, top.get("cors"), "cors"),
+        ledger=_read_ledger(r, top.get("ledger")),
+        attribution=_read_attribution(r, top.get("attribution")),
     )
     if config.require_key and not config.tenants:
         r.problems.append(

@@ -15,6 +15,7 @@ from tallygate.core.codec import DEFAULT_GZIP
 from tallygate.core.dialects import DIALECTS
 from tallygate.core.pricing import EgressTier, TokenPrice
 from tallygate.core.tokens import ENCODINGS
+from tallygate.policy.attribution import Attribution
 from tallygate.policy.cors import CorsPolicy
 
 AuthHeader = Literal["authorization", "x-api-key"]
@@ -169,6 +170,30 @@ class Tenant:
     keys: tuple[str, ...] = field(default=(), repr=False)  # SHA-256 hex of tallygate-issued keys
 
 
+DEFAULT_LEDGER_URL = "sqlite:///var/lib/tallygate/usage.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    """`ledger:`; `url` None is `ledger: off`."""
+
+    url: str | None = DEFAULT_LEDGER_URL
+    # Where rows wait while the store is away; one file per process, `<spool>.<pid>`. Default:
+    # beside an SQLite file, or /var/lib/tallygate/ledger.spool.
+    spool: str | None = None
+    commit_interval: float = 0.1  # at most this long between a row and its commit
+    batch_rows: int = 1000  # or commit as soon as this many wait
+
+    def spool_path(self) -> str:
+        if self.spool:
+            return self.spool
+        if self.url and self.url.startswith("sqlite:"):
+            from tallygate.ledger.store import sqlite_path
+
+            return sqlite_path(self.url) + ".spool"
+        return "/var/lib/tallygate/ledger.spool"
+
+
 DEFAULT_LISTEN = Listen("127.0.0.1", 8080)
 DEFAULT_SHUTDOWN_GRACE = 30.0
 
@@ -193,6 +218,8 @@ class Config:
     require_key: bool = False  # auth.require_key
     workers: int = 1
     cors: CorsPolicy | None = None  # None: no CORS, preflights are relayed like any request
+    ledger: Ledger = Ledger()
+    attribution: Attribution = field(default_factory=Attribution)
 
     def cors_for(self, route: Route | None) -> CorsPolicy | None:
         """The CORS policy of a request on `route` (None before routing, or when off)."""

@@ -56,6 +56,8 @@ class RequestFacts:
     # so that encoding a long prompt never delays the request on its way upstream.
     parsed: dict[str, Any] | None = None
     parsed_size: int = 0  # the JSON it was parsed from, in bytes (decoded, if content-coded)
+    # The fields the APIs define to say who a request is for (attribution reads them).
+    identity_fields: dict[str, Any] | None = None
 
 
 def read_request(
@@ -85,6 +87,10 @@ def read_request(
         return facts
     model = request.get("model")
     facts.model = model if isinstance(model, str) else None
+    if "user" in request or "metadata" in request or "safety_identifier" in request:
+        facts.identity_fields = {
+            k: request[k] for k in ("user", "safety_identifier", "metadata") if k in request
+        }
     facts.tools_offered = bool(request.get("tools") or request.get("functions"))
     stream = request.get("stream")
     facts.stream = stream is not False if spec(dialect).streams_unless_told else stream is True

@@ -152,6 +152,10 @@ class UsageRecord(NamedTuple):
     stream: bool
     model: str | None
     tenant: str
+    user: str | None  # the end user, from the attribution sources
+    session: str | None
+    tags: tuple[tuple[str, str], ...]
+    key_id: str | None  # which tallygate key, by a short id
     tokens: Usage
     tokens_source: TokensSource
     estimated: Estimated
@@ -191,6 +195,10 @@ class UsageRecord(NamedTuple):
             "stream": self.stream,
             "model": self.model,
             "tenant": self.tenant,
+            "user": self.user,
+            "session": self.session,
+            "tags": dict(self.tags),
+            "key_id": self.key_id,
             "tokens": {
                 "input": tokens.input,
                 "output": tokens.output,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any
 
 import yaml
@@ -65,7 +67,9 @@ def run_simulator(listen: Listen, settings: SimulatorSettings) -> None:
     run_loop(main())
 
 
-def demo_config(listen: Listen, admin: Listen, upstream: str, estimate: bool) -> dict[str, Any]:
+def demo_config(
+    listen: Listen, admin: Listen, upstream: str, estimate: bool, ledger: str = "off"
+) -> dict[str, Any]:
     return {
         "listen": str(listen),
         "admin": {"listen": str(admin)},
@@ -80,6 +84,7 @@ def demo_config(listen: Listen, admin: Listen, upstream: str, estimate: bool) ->
         # the dashboard's "paid for, not delivered" panel has something to show.
         "metering": {"estimate": estimate, "on_client_disconnect": "drain"},
         "shutdown_grace": "2s",
+        "ledger": ledger,
     }
 
 
@@ -95,8 +100,11 @@ def run_demo(listen: Listen, admin: Listen, settings: SimulatorSettings) -> None
         runner, port = await _start_simulator(Listen("127.0.0.1", 0), settings, tokenizers)
         upstream = f"http://127.0.0.1:{port}"
         estimate = tokenizers is not None
+        # A ledger of its own, gone with the demo: `tallygate usage --ledger` reads it meanwhile.
+        scratch = tempfile.mkdtemp(prefix="tallygate-demo-")
+        ledger = f"sqlite:///{scratch}/usage.db"
         config = load_config_text(
-            yaml.safe_dump(demo_config(listen, admin, upstream, estimate)), {}
+            yaml.safe_dump(demo_config(listen, admin, upstream, estimate, ledger)), {}
         )
 
         def banner(running: Running) -> None:  # once both listeners are up, with their ports
@@ -106,7 +114,9 @@ def run_demo(listen: Listen, admin: Listen, settings: SimulatorSettings) -> None
                 f" Ollama) behind tallygate.\n  Send requests to http://{proxy}, for example:\n"
                 + "    " + CURL.format(listen=proxy)
                 + f"\n  Metrics: http://{Listen(admin.host, running.admin_port)}/metrics"
-                + "\n  Usage records: printed here, one JSON line per request. Stop with Ctrl-C.\n",
+                + "\n  Usage records: printed here, one JSON line per request; totals:"
+                + f" tallygate usage --ledger {ledger}"
+                + "\n  Stop with Ctrl-C.\n",
                 file=sys.stderr,
                 flush=True,
             )  # fmt: skip
@@ -115,5 +125,6 @@ def run_demo(listen: Listen, admin: Listen, settings: SimulatorSettings) -> None
             await serve(config, tokenizers, ready=banner)
         finally:
             await runner.cleanup()
+            shutil.rmtree(scratch, ignore_errors=True)
 
     run_loop(main())

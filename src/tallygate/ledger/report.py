@@ -132,9 +132,12 @@ def render(entries: list[dict[str, Any]], by: Sequence[str], fmt: str) -> str:
         return usd(value) if column.startswith("cost_") else value
 
     if fmt == "json":
-        return orjson.dumps(
-            [{c: shown(e, c) for c in columns} for e in entries], option=orjson.OPT_INDENT_2
-        ).decode() + "\n"
+        return (
+            orjson.dumps(
+                [{c: shown(e, c) for c in columns} for e in entries], option=orjson.OPT_INDENT_2
+            ).decode()
+            + "\n"
+        )
     if fmt == "ndjson":
         return "".join(orjson.dumps({c: shown(e, c) for c in columns}).decode() + "\n"
                        for e in entries)  # fmt: skip

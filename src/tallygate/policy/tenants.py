@@ -33,6 +33,7 @@ def presented_key(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> str | N
 class Identity:
     tenant: str
     by_key: bool  # a tallygate-issued key matched: it must not travel upstream
+    key_id: str | None = None  # a short, stable id of that key (never the key itself)
 
 
 class Tenants:
@@ -53,9 +54,10 @@ class Tenants:
         """The request's tenant; None when a key is required and none of ours was presented."""
         key = presented_key(headers)
         if key is not None:
-            tenant = self._by_hash.get(hash_key(key))
+            hashed = hash_key(key)
+            tenant = self._by_hash.get(hashed)
             if tenant is not None:
-                return Identity(tenant, by_key=True)
+                return Identity(tenant, by_key=True, key_id="key_" + hashed[:12])
         if self.require_key:
             return None
         if self._header and trusted:

@@ -34,6 +34,10 @@ class Exchange:
     upstream: str = ""
     dialect: str = "none"
     family: ApiFamily = "openai"  # whose error shape the client gets
+    user: str | None = None
+    session: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    key_id: str | None = None
     status: int = 0
     outcome: Outcome = "ok"
     tenant: str = "anonymous"
@@ -117,6 +121,10 @@ class Exchange:
             self.stream,  # stream
             self.model(),
             self.tenant,
+            self.user,
+            self.session,
+            self.tags,
+            self.key_id,
             usage,  # tokens
             source,  # tokens_source
             Estimated(

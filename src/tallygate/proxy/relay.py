@@ -63,6 +63,7 @@ from tallygate.core.tokens import Tokenizers
 from tallygate.observe.accesslog import AccessLog
 from tallygate.observe.metrics import Metrics
 from tallygate.policy.admission import Admission, Preflight, Refused
+from tallygate.policy.attribution import attribute
 from tallygate.policy.cors import CorsPolicy
 from tallygate.policy.headers import (
     ClientSide,
@@ -173,8 +174,10 @@ class Proxy:
         metrics: Metrics,
         costing: Costing,
         on_record: Sink | None = None,
+        ledger: Sink | None = None,
     ) -> None:
         self.metrics = metrics
+        self.ledger = ledger
         self.session = session
         self.access_log = access_log
         self.on_record = on_record
@@ -380,6 +383,8 @@ class Proxy:
         """Everything a finished request's record feeds, in order (the ledger and spend totals
         join this list)."""
         found: list[tuple[str, Sink]] = [("access log", self._log), ("metrics", self._observe)]
+        if self.ledger is not None:
+            found.append(("ledger", self.ledger))
         if self.on_record is not None:
             found.append(("on_record", self.on_record))
         return found
@@ -453,6 +458,10 @@ class Proxy:
                 exchange.request_id, plain,
             )  # fmt: skip
         exchange.request = facts
+        exchange.key_id = identity.key_id
+        exchange.user, exchange.session, exchange.tags = attribute(
+            self.config.attribution, request.headers, facts.identity_fields, admitted.trusted
+        )
         if facts.insert_usage_option:
             if long:
                 await _let_others_run()

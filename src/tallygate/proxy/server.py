@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import hmac
 import logging
 import signal
@@ -33,6 +34,8 @@ from tallygate.config.prices import default_price_table
 from tallygate.core.pricing import Costing, EgressPrice, UnpricedModels
 from tallygate.core.record import UsageRecord
 from tallygate.core.tokens import Tokenizers
+from tallygate.ledger.store import open_store
+from tallygate.ledger.writer import LedgerWriter
 from tallygate.observe.accesslog import AccessLog
 from tallygate.observe.metrics import Metrics, config_hash
 from tallygate.proxy.connection import Listener
@@ -327,9 +330,36 @@ class Running:
             await self._session.close()
         # The access log is flushed before the process goes.
         await asyncio.get_running_loop().run_in_executor(None, self.proxy.access_log.close)
+        # And the ledger's last rows committed (or spooled) before it goes.
+        if isinstance(self.proxy.ledger, LedgerWriter):
+            await asyncio.get_running_loop().run_in_executor(None, self.proxy.ledger.close)
         for runner in admin_runners:
             await runner.cleanup()
         log.info("stopped after %d requests", self.proxy.records)
+
+
+def new_ledger(config: Config) -> LedgerWriter | None:
+    """The ledger sink of `config`, or None with `ledger: off`. Its store is opened by its own
+    thread (and, while it cannot be, rows are spooled): `tallygate serve` checks it opens
+    before starting (`check_ledger`)."""
+    settings = config.ledger
+    url = settings.url
+    if url is None:
+        return None
+    return LedgerWriter(
+        lambda: open_store(url), settings.spool_path(), price_version(config),
+        settings.commit_interval, settings.batch_rows,
+    )  # fmt: skip
+
+
+def price_version(config: Config) -> str:
+    """The prices a row was priced with: the shipped table's date, and a hash of the
+    configuration's own prices when it has some."""
+    version = default_price_table().date
+    if config.pricing.models:
+        own = repr(sorted(config.pricing.models.items())).encode()
+        version += "+" + hashlib.sha256(own).hexdigest()[:8]
+    return version
 
 
 async def start(
@@ -353,7 +383,10 @@ async def start(
     session = new_session(config)
     access_log = AccessLog(config.access_log)
     metrics = new_metrics(config)
-    proxy = Proxy(config, session, tokenizers, access_log, metrics, new_costing(config), on_record)
+    ledger = new_ledger(config)
+    proxy = Proxy(
+        config, session, tokenizers, access_log, metrics, new_costing(config), on_record, ledger
+    )
     # The proxy's log, not this one: a reload may replace it.
     metrics.watch_access_log(lambda: proxy.access_log.failures)
 
