@@ -115,7 +115,7 @@ class SqliteStore:
             # crash of tallygate (not of the machine's power), at a fraction of FULL's cost.
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            migrate(self._db, "?")
+            migrate(self._db, "?", "BEGIN IMMEDIATE")
         except (sqlite3.Error, OSError) as error:
             raise LedgerError(f"ledger: cannot open {url}: {error}") from None
 
@@ -151,22 +151,27 @@ def _range(since_ms: int | None, until_ms: int | None, mark: str) -> tuple[str, 
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
-def migrate(db: Any, mark: str) -> None:
-    """Bring the schema to SCHEMA_VERSION (a DB-API connection in autocommit mode)."""
+def migrate(db: Any, mark: str, begin: str = "BEGIN") -> None:
+    """Bring the schema to SCHEMA_VERSION (a DB-API connection in autocommit mode). One
+    transaction, opened with `begin` so that two processes starting at once take turns."""
     db.execute("CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER NOT NULL)")
-    found = db.execute("SELECT version FROM ledger_schema").fetchone()
-    version = found[0] if found else 0
-    if version > SCHEMA_VERSION:
-        raise LedgerError(
-            f"the ledger's schema is version {version}, newer than this tallygate's "
-            f"({SCHEMA_VERSION}): upgrade tallygate"
-        )
-    for number in range(version, SCHEMA_VERSION):
-        db.execute("BEGIN")
-        for statement in MIGRATIONS[number]:
-            db.execute(statement)
-        if number == 0:
-            db.execute(f"INSERT INTO ledger_schema (version) VALUES ({mark})", (1,))
-        else:
-            db.execute(f"UPDATE ledger_schema SET version = {mark}", (number + 1,))
+    db.execute(begin)
+    try:
+        found = db.execute("SELECT version FROM ledger_schema").fetchone()
+        version = found[0] if found else 0
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"the ledger's schema is version {version}, newer than this tallygate's "
+                f"({SCHEMA_VERSION}): upgrade tallygate"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[number]:
+                db.execute(statement)
+        if version == 0:
+            db.execute(f"INSERT INTO ledger_schema (version) VALUES ({mark})", (SCHEMA_VERSION,))
+        elif version < SCHEMA_VERSION:
+            db.execute(f"UPDATE ledger_schema SET version = {mark}", (SCHEMA_VERSION,))
         db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
