@@ -3,7 +3,7 @@
     python bench/cpu.py [--rounds 3] [--requests 5000] [--variant NAME=KIND[@TREE]] ...
 
 KIND is one of: bare, bare-gzip (bench/bare_relay.py), relay (tallygate, metering off, no
-gzip), metering, gzip (metering and gzip). TREE is another checkout's root (a git worktree) whose
+gzip), metering, gzip (metering and gzip), ledger (metering, gzip and the SQLite ledger). TREE is another checkout's root (a git worktree) whose
 `src/` is used instead of this one's, to compare two commits. Each target is pinned to core 0,
 the upstream and h2load to core 1; variants run in turn, round after round, and the report gives
 each one's CPU microseconds per request (its own CPU time from /proc, over an h2load run at c=32)
@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run  # noqa: E402
 
-KINDS = ("bare", "bare-gzip", "relay", "metering", "gzip")
+KINDS = ("bare", "bare-gzip", "relay", "metering", "gzip", "ledger")
 
 
 def start(kind: str, tree: Path | None, scratch: Path, upstream: int) -> run.Target:
@@ -38,7 +38,14 @@ def start(kind: str, tree: Path | None, scratch: Path, upstream: int) -> run.Tar
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = source
     try:
-        return run.start_tallygate(scratch, upstream, kind, kind != "relay", kind == "gzip")
+        return run.start_tallygate(
+            scratch,
+            upstream,
+            kind,
+            kind != "relay",
+            kind in ("gzip", "ledger"),
+            ledger=kind == "ledger",
+        )
     finally:
         if previous is None:
             del os.environ["PYTHONPATH"]

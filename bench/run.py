@@ -170,7 +170,7 @@ def start_bare(scratch: Path, upstream: int, gzip: bool) -> Target:
 
 
 def tallygate_config(scratch: Path, port: int, upstream: int, metering: bool, gzip: bool,
-                     workers: int = 1) -> Path:  # fmt: skip
+                     workers: int = 1, ledger: bool = False) -> Path:  # fmt: skip
     """A config file for one benchmark target: everything but the switches at its defaults."""
     config = {
         "listen": f"127.0.0.1:{port}", "admin": {"listen": f"127.0.0.1:{free_port()}"},
@@ -179,7 +179,8 @@ def tallygate_config(scratch: Path, port: int, upstream: int, metering: bool, gz
         "compression": {"gzip": gzip},
         "metering": {"enabled": metering},
         "access_log": str(scratch / f"access-{port}.jsonl") if metering else "off",
-        "workers": workers, "shutdown_grace": "2s", "ledger": "off",
+        "workers": workers, "shutdown_grace": "2s",
+        "ledger": f"sqlite:///{scratch}/ledger-{port}.db" if ledger else "off",
     }  # fmt: skip
     path = scratch / f"tallygate-{port}.yaml"
     path.write_text(json.dumps(config))
@@ -187,9 +188,10 @@ def tallygate_config(scratch: Path, port: int, upstream: int, metering: bool, gz
 
 
 def start_tallygate(scratch: Path, upstream: int, name: str, metering: bool, gzip: bool,
-                    workers: int = 1, core: str | None = PROXY_CORE) -> Target:  # fmt: skip
+                    workers: int = 1, core: str | None = PROXY_CORE,
+                    ledger: bool = False) -> Target:  # fmt: skip
     port = free_port()
-    path = tallygate_config(scratch, port, upstream, metering, gzip, workers)
+    path = tallygate_config(scratch, port, upstream, metering, gzip, workers, ledger)
     proc = spawn(
         [sys.executable, "-m", "tallygate", "serve", "-c", str(path)],
         core,
