@@ -90,10 +90,10 @@ def open_store(url: str) -> Store:
 
 
 def sqlite_path(url: str) -> str:
-    """`sqlite:///var/lib/x.db` is /var/lib/x.db; `sqlite:///./x.db`, `sqlite:///x.db` relative."""
-    parts = urlsplit(url)
-    path = unquote(parts.netloc + parts.path)
-    return path[1:] if path.startswith("//") else path
+    """`sqlite:///var/lib/x.db` is /var/lib/x.db; `sqlite:///./x.db` is ./x.db, relative to
+    the working directory."""
+    path = unquote(url.removeprefix("sqlite://"))
+    return path[1:] if path.startswith(("/./", "/../")) else path
 
 
 _INSERT = (
