@@ -34,6 +34,8 @@ from tallygate.config.prices import default_price_table
 from tallygate.core.pricing import Costing, EgressPrice, UnpricedModels
 from tallygate.core.record import UsageRecord
 from tallygate.core.tokens import Tokenizers
+from tallygate.ledger.api import Handler
+from tallygate.ledger.api import add_routes as add_ledger_routes
 from tallygate.ledger.store import open_store
 from tallygate.ledger.writer import LedgerWriter
 from tallygate.observe.accesslog import AccessLog
@@ -98,8 +100,28 @@ def registry_renderer(registry: CollectorRegistry) -> MetricsRenderer:
 
 
 def admin_app(
-    is_draining: Callable[[], bool], render_metrics: MetricsRenderer, token: str | None
+    is_draining: Callable[[], bool],
+    render_metrics: MetricsRenderer,
+    token: str | None,
+    ledger_url: str | None = None,
 ) -> web.Application:
+    """/healthz, /readyz, /metrics, and the ledger's endpoints when there is a ledger; with
+    `token`, /metrics and the ledger need `Authorization: Bearer <token>`."""
+
+    def guarded(handler: Handler) -> Handler:
+        async def checked(request: web.Request) -> web.StreamResponse:
+            if token is not None:
+                presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+                sent = presented.strip().encode("utf-8", "surrogateescape")  # as sent
+                if not hmac.compare_digest(sent, token.encode()):
+                    return web.json_response(
+                        {"error": "a bearer token is required"}, status=401,
+                        headers={"WWW-Authenticate": 'Bearer realm="tallygate metrics"'},
+                    )  # fmt: skip
+            return await handler(request)
+
+        return checked
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -108,22 +130,16 @@ def admin_app(
             return web.json_response({"status": "draining"}, status=503)
         return web.json_response({"status": "ready"})
 
-    async def metrics(request: web.Request) -> web.Response:
-        if token is not None:
-            presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            sent = presented.encode("utf-8", "surrogateescape")  # the bytes sent, whatever
-            if not hmac.compare_digest(sent, token.encode()):
-                return web.json_response(
-                    {"error": "a bearer token is required"}, status=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="tallygate metrics"'},
-                )  # fmt: skip
+    async def metrics(request: web.Request) -> web.StreamResponse:
         body, content_type = await render_metrics(request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", guarded(metrics))
+    if ledger_url is not None:
+        add_ledger_routes(app, ledger_url, guarded)
     return app
 
 
@@ -419,6 +435,7 @@ async def start(
             lambda: proxy.draining,
             registry_renderer(metrics.registry),
             config.admin.metrics_token,
+            config.ledger.url,
         )
         admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
         await admin_runner.setup()

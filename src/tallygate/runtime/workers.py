@@ -153,7 +153,12 @@ class Master:
             on_signal(signal.SIGHUP, self._reload)
         loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
         self._reap()  # a worker may have gone before the handler was in place
-        app = admin_app(lambda: self.draining, self.render, self.config.admin.metrics_token)
+        app = admin_app(
+            lambda: self.draining,
+            self.render,
+            self.config.admin.metrics_token,
+            self.config.ledger.url,
+        )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         admin_sock = self.admin_sock
